@@ -1,0 +1,1 @@
+"""The disaggregation advisor: step-time model, screen, simulator, split search, reports, apply."""

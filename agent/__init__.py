@@ -1,0 +1,1 @@
+"""Node agent: samplers, phase receiver, timeline, attribution, daemon loop."""

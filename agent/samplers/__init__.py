@@ -1,0 +1,1 @@
+"""Samplers: each has one method, ``sample()``, returning trace sample records."""

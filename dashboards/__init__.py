@@ -1,0 +1,1 @@
+"""Grafana dashboards: grafanalib ``*.dashboard.py`` sources and their generated JSON."""

@@ -1,0 +1,1 @@
+"""The bundled serving engine: model, KV cache, scheduler, workers, HTTP API, router, split-pool mode."""
