@@ -20,9 +20,9 @@ from phaselens import __version__
 COMMANDS: dict[str, str] = {
     "demo": "phaselens.demo:demo",
     "generate": "phaselens.engine.commands:generate",
-    "serve": "phaselens.engine.commands:serve",
+    "serve": "phaselens.engine.serve_cli:serve",
     "load": "phaselens.engine.loadgen_cli:load",
-    "mode": "phaselens.engine.commands:mode",
+    "mode": "phaselens.engine.mode_cli:mode",
     "agent": "phaselens.agent.commands:agent",
     "record": "phaselens.agent.commands:record",
     "attribute": "phaselens.agent.commands:attribute",
