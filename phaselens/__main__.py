@@ -1,0 +1,5 @@
+"""``python -m phaselens``: the same as the ``phaselens`` console script."""
+
+from phaselens.cli import main
+
+main()
