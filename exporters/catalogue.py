@@ -146,9 +146,9 @@ METRICS: tuple[MetricSpec, ...] = (
            ("hostname", "reason"), otel_name="phaselens.shim.events.rejected"),
     # ---- agent additions (not in DESIGN.md's table; documented here and in the report)
     _agent("phaselens_gpu_power_watts", "gauge", "watts", "Latest board power draw.", _G,
-           otel_name="hw.gpu.power"),
+           otel_name="hw.power"),
     _agent("phaselens_gpu_sm_clock_hertz", "gauge", "hertz", "Latest SM clock.", _G,
-           otel_name="hw.gpu.clock.sm"),
+           otel_name="phaselens.gpu.clock.sm"),
     _agent("phaselens_gpu_memory_used_bytes", "gauge", "bytes", "Latest device memory in use.", _G,
            otel_name="hw.gpu.memory.usage"),
     _agent("phaselens_attribution_windows", "gauge", "",
