@@ -25,6 +25,8 @@ GPU_LABELS: tuple[str, ...] = ("hostname", "gpu", "gpu_uuid", "model_name", "rol
                                "container")
 #: Labels of the engine's own (per-engine, not per-GPU) series.
 ENGINE_LABELS: tuple[str, ...] = ("hostname", "model_name", "role")
+#: ... and of the series one engine worker reports.
+WORKER_LABELS: tuple[str, ...] = ENGINE_LABELS + ("worker",)
 
 # OpenTelemetry GenAI semantic conventions (gen-ai-metrics.md, "Metric: gen_ai.server.time_to_first_token"
 # and "gen_ai.server.time_per_output_token"): the advised explicit bucket boundaries, seconds.
@@ -32,6 +34,9 @@ GENAI_TTFT_BUCKETS_S: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06,
                                            1.0, 2.5, 5.0, 7.5, 10.0)
 GENAI_TPOT_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                                            2.5)
+# Same document, "Metric: gen_ai.server.request.duration".
+GENAI_REQUEST_DURATION_BUCKETS_S: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+                                                       5.12, 10.24, 20.48, 40.96, 81.92)
 #: Engine steps take ~1 ms to ~1 s (same bounds as agent/state.py STEP_DURATION_BUCKETS_S).
 STEP_DURATION_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
                                               1.28, 2.56)
@@ -179,11 +184,44 @@ METRICS: tuple[MetricSpec, ...] = (
             "Time between consecutive output tokens of a request.", ENGINE_LABELS,
             buckets=GENAI_TPOT_BUCKETS_S, otel_name="gen_ai.server.time_per_output_token"),
     _engine("phaselens_engine_kv_cache_usage_ratio", "gauge", "ratio",
-            "Fraction of KV cache blocks in use.", ENGINE_LABELS,
+            "Fraction of KV cache blocks in use.", WORKER_LABELS,
             otel_name="phaselens.engine.kv_cache.usage"),
     _engine("phaselens_engine_kv_transfer_seconds", "histogram", "seconds",
             "Time to hand one request's KV cache from a prefill worker to a decode worker (split mode).",
             ENGINE_LABELS, buckets=KV_TRANSFER_BUCKETS_S, otel_name="phaselens.engine.kv_transfer.duration"),
+    # engine metrics first proposed in engine/metrics.py (PROPOSED) by the engine's author, moved here as is
+    _engine("phaselens_engine_time_per_output_token_seconds", "histogram", "seconds",
+            "Per request: (finish - first token) / (output tokens - 1), the TPOT of SLOs.", ENGINE_LABELS,
+            buckets=GENAI_TPOT_BUCKETS_S),
+    _engine("phaselens_engine_request_duration_seconds", "histogram", "seconds",
+            "Time from request arrival to its last token (end-to-end latency).", ENGINE_LABELS,
+            buckets=GENAI_REQUEST_DURATION_BUCKETS_S, otel_name="gen_ai.server.request.duration"),
+    _engine("phaselens_engine_requests_total", "counter", "",
+            "Finished requests by status (ok, error, aborted).", ENGINE_LABELS + ("status",)),
+    _engine("phaselens_engine_requests_rejected_total", "counter", "",
+            "Requests refused at the door, by reason (bad_request, queue_full, no_worker).",
+            ENGINE_LABELS + ("reason",)),
+    _engine("phaselens_engine_requests_waiting", "gauge", "",
+            "Requests queued in a worker's scheduler, not yet running.", WORKER_LABELS),
+    _engine("phaselens_engine_requests_running", "gauge", "",
+            "Requests a worker is running (prefilling or decoding).", WORKER_LABELS),
+    _engine("phaselens_engine_prefix_cache_hit_ratio", "gauge", "ratio",
+            "Prompt tokens served from the prefix cache over prompt tokens looked up, since start.",
+            WORKER_LABELS),
+    _engine("phaselens_engine_prefix_cache_hit_tokens_total", "counter", "tokens",
+            "Prompt tokens served from the prefix cache.", WORKER_LABELS),
+    _engine("phaselens_engine_prefix_cache_query_tokens_total", "counter", "tokens",
+            "Prompt tokens looked up in the prefix cache.", WORKER_LABELS),
+    _engine("phaselens_engine_preemptions_total", "counter", "",
+            "Requests preempted because the KV cache ran out.", WORKER_LABELS),
+    _engine("phaselens_engine_tokens_total", "counter", "tokens",
+            "Tokens processed by engine steps, by step phase and token kind (prefill or decode).",
+            WORKER_LABELS + ("phase", "kind")),
+    _engine("phaselens_engine_step_duration_seconds", "histogram", "seconds",
+            "Duration of one engine step as the worker saw it, by phase.", WORKER_LABELS + ("phase",),
+            buckets=STEP_DURATION_BUCKETS_S),
+    _engine("phaselens_engine_workers_alive", "gauge", "", "Worker processes alive, by role.",
+            ENGINE_LABELS),
     # ---- advisor
     _advisor("phaselens_advisor_goodput_gain_ratio", "gauge", "ratio",
              "Goodput of the recommended split over the best colocated configuration, minus 1.",
@@ -219,7 +257,8 @@ def create(spec: MetricSpec, registry: Any = None, extra_labels: tuple[str, ...]
     """
     from prometheus_client import Counter, Gauge, Histogram
 
-    labels = list(spec.labels) + list(extra_labels)
+    # extra labels already in the spec are not repeated (a caller written before the spec gained them)
+    labels = list(spec.labels) + [lab for lab in extra_labels if lab not in spec.labels]
     kwargs: dict[str, Any] = {"labelnames": labels, "registry": registry, "unit": spec.unit}
     if spec.type == "gauge":
         return Gauge(spec.base_name, spec.help, **kwargs)

@@ -77,3 +77,25 @@ def test_catalogue_conventions() -> None:
         assert m.help.strip() and m.help.strip()[-1] in ".)", m.name
         if m.producer == "engine":
             assert m.name.startswith("phaselens_engine_"), m.name
+
+
+def _engine_exposed() -> dict[str, tuple[str, set[tuple[str, ...]]]]:
+    metrics_mod = pytest.importorskip("phaselens.engine.metrics", reason="engine/metrics.py not present yet")
+    return _exposed(metrics_mod.EngineMetrics(model_name="tiny", hostname="h").registry)
+
+
+def test_engine_metrics_are_all_in_the_catalogue() -> None:
+    exposed = _engine_exposed()
+    specs = {m.base_name: m for m in catalogue.by_producer("engine")}
+    unknown = set(exposed) - set(specs)
+    assert not unknown, f"engine metrics missing from exporters/catalogue.py: {sorted(unknown)}"
+    for name, (typ, _) in exposed.items():
+        assert typ == specs[name].type, name
+
+
+def test_engine_produces_every_catalogue_engine_metric() -> None:
+    exposed = _engine_exposed()
+    missing = sorted(m.name for m in catalogue.by_producer("engine") if m.base_name not in exposed)
+    if missing:
+        # Reported, not hidden: the catalogue follows DESIGN.md, the engine has not caught up yet.
+        pytest.xfail(f"the engine does not produce yet: {missing}")
