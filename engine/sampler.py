@@ -1,0 +1,45 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a random stream per request."""
+
+from __future__ import annotations
+
+import torch
+
+from phaselens.engine.sampling_params import SamplingParams
+
+
+class Sampler:
+    """Picks one token per row of logits, each row under its own request's parameters."""
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Token ids ``[rows]`` (int64, on the logits' device); no host synchronization.
+
+        Non-greedy rows draw by the exponential race (``argmax p / E`` with ``E ~ Exp(1)`` is a draw from
+        ``p``), so each row uses only its own generator and a seeded request gives the same tokens
+        whatever else shares its batch.
+        """
+        greedy = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not random_rows:
+            return greedy
+        dev = logits.device
+        idx = torch.tensor(random_rows, device=dev)
+        rows = logits[idx]
+        temps = torch.tensor([params[i].temperature for i in random_rows], device=dev, dtype=rows.dtype)
+        rows = rows / temps[:, None]
+        sorted_logits, order = rows.sort(dim=-1, descending=True)
+        vocab = rows.shape[-1]
+        ks = torch.tensor([params[i].top_k or vocab for i in random_rows], device=dev)
+        rank = torch.arange(vocab, device=dev)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        top_ps = torch.tensor([params[i].top_p for i in random_rows], device=dev, dtype=probs.dtype)
+        # drop a token when the ones ranked above it already reach top_p (the first one always stays)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= top_ps[:, None], 0.0)
+        noise = torch.empty_like(probs)
+        for r, i in enumerate(random_rows):
+            noise[r].exponential_(generator=generators[i])
+        choice = (probs / noise).argmax(dim=-1)
+        tokens = order.gather(1, choice[:, None]).squeeze(1)
+        return greedy.index_copy(0, idx, tokens)

@@ -1,0 +1,178 @@
+"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute.
+
+Each step fills a budget of ``max_num_batched_tokens`` in this order (vLLM's chunked-prefill policy):
+
+1. decodes of running sequences (one token each), so generation never stalls behind long prompts;
+2. prefills already under way, continued in chunks;
+3. new prefills from the waiting queue, first come first served, while sequences and blocks last.
+
+When the KV cache runs out, the most recently admitted running sequence not yet in this step is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed (prompt and
+outputs so far) when admitted again. The step is classified :class:`~phaselens.phase.Phase` ``PREFILL``,
+``DECODE`` or ``MIXED`` from what it carries.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from phaselens.engine.block_manager import BlockManager
+from phaselens.engine.sequence import Sequence, SequenceStatus
+from phaselens.phase import Phase
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's part of a step: ``num_tokens`` tokens after ``context_len`` cached ones."""
+
+    seq: Sequence
+    num_tokens: int
+    context_len: int
+    is_prefill: bool
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence's tokens, so it samples the next one."""
+        return self.context_len + self.num_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs: decodes first, then prefill chunks."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for s in self.scheduled if not s.is_prefill)
+
+    @property
+    def phase(self) -> Phase | None:
+        """None for an empty step."""
+        has_prefill = any(s.is_prefill for s in self.scheduled)
+        has_decode = any(not s.is_prefill for s in self.scheduled)
+        if has_prefill and has_decode:
+            return Phase.MIXED
+        if has_prefill:
+            return Phase.PREFILL
+        if has_decode:
+            return Phase.DECODE
+        return None
+
+    def prefill_seqs(self) -> list[tuple[int, int, bool]]:
+        """``(chunk_len, cached_ctx_before, samples)`` of each prefill chunk (the shim's ``prefill_seqs``)."""
+        return [(s.num_tokens, s.context_len, s.samples) for s in self.scheduled if s.is_prefill]
+
+    def decode_ctx(self) -> list[int]:
+        """Context before the step of each decode (the shim's ``decode_ctx``)."""
+        return [s.context_len for s in self.scheduled if not s.is_prefill]
+
+
+class Scheduler:
+    """Decides, step by step, which sequences run and how many of their tokens."""
+
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in order of admission: earlier ones have priority
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # -- the step
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        in_step: set[int] = set()
+
+        def take(seq: Sequence, n: int) -> None:
+            nonlocal budget
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens, seq.is_prefilling))
+            in_step.add(id(seq))
+            budget -= n
+
+        def make_room(seq: Sequence, n: int) -> bool:
+            """Allocate for ``seq``, preempting later sequences not in this step; False if ``seq`` itself went."""
+            while not self.block_manager.allocate(seq, n):
+                victim = next((s for s in reversed(self.running) if id(s) not in in_step and s is not seq), None)
+                self._preempt(victim or seq, out)
+                if victim is None:
+                    return False
+            return True
+
+        # 1. decodes
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling and make_room(seq, 1):
+                take(seq, 1)
+        # 2. prefills under way
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_prefilling or id(seq) in in_step:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if make_room(seq, n):
+                take(seq, n)
+        # 3. new prefills; none in a step that had to preempt (the cache is full: admitting would thrash)
+        bs = self.block_manager.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            cached = self.block_manager.cached_prefix(seq)
+            n = min(len(seq) - len(cached) * bs, budget)
+            if not self.block_manager.allocate(seq, n, cached):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.prefill_target = len(seq)
+            self.running.append(seq)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = len(cached) * bs
+                self.prefix_hit_tokens += seq.num_cached_tokens
+                self.prefix_query_tokens += len(seq)
+            take(seq, n)
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the model ran: the scheduled tokens are in the cache; register completed blocks."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.register_full_blocks(s.seq)

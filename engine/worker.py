@@ -1,0 +1,86 @@
+"""One device's share of the engine: the model, the KV cache tensor and the runner.
+
+The cache is sized here: on a GPU from the memory left after the weights and a measured activation peak
+(``gpu_memory_utilization`` of the card in all, as vLLM does), on the CPU from ``num_kv_blocks``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from phaselens.engine.loader import ModelSource
+from phaselens.engine.model import LlamaModel, default_dtype
+from phaselens.engine.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+#: CPU default: this much memory for the KV cache when ``num_kv_blocks`` is not given
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+class Worker:
+    """Owns the device, the model, the KV cache and the model runner."""
+
+    def __init__(self, source: ModelSource, device: str | torch.device, *, block_size: int,
+                 num_kv_blocks: int | None, gpu_memory_utilization: float, max_num_batched_tokens: int,
+                 max_num_seqs: int, max_model_len: int, seed: int) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+            if (self.device.index or 0) >= torch.cuda.device_count():
+                raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            torch.cuda.set_device(self.device)
+        elif self.device.type != "cpu":
+            raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+        self.dtype = default_dtype(self.device)
+        self.dtype_bytes = torch.finfo(self.dtype).bits // 8
+        self.model_config = source.config
+        self.block_size = block_size
+        self.model: LlamaModel = source.build(self.device, self.dtype, seed, max_model_len)
+        self.block_bytes = block_size * self.model_config.kv_bytes_per_token(self.dtype_bytes)
+        self.num_kv_blocks = self._size_cache(num_kv_blocks, gpu_memory_utilization, max_num_batched_tokens,
+                                              max_num_seqs, max_model_len)
+        c = self.model_config
+        # zeroed: padded slots are masked but still multiplied, and 0 * NaN of stale garbage is NaN
+        self.kv_cache = torch.zeros(c.num_layers, 2, self.num_kv_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                    device=self.device, dtype=self.dtype)
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size)
+        log.info("worker on %s: %s in %s, %d KV blocks of %d tokens (%.2f GiB)", self.device, c.name, self.dtype,
+                 self.num_kv_blocks, block_size, self.num_kv_blocks * self.block_bytes / 2**30)
+
+    def _size_cache(self, num_kv_blocks: int | None, utilization: float, max_batched: int, max_seqs: int,
+                    max_model_len: int) -> int:
+        if num_kv_blocks is not None:
+            if num_kv_blocks < 1:
+                raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+            return num_kv_blocks
+        if self.device.type == "cpu":
+            useful = max_seqs * -(-max_model_len // self.block_size)
+            return max(1, min(useful, CPU_KV_BUDGET_BYTES // self.block_bytes))
+        if not 0.0 < utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+        peak = self._activation_peak(min(max_batched, max_model_len))
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        avail = total * utilization - used - peak
+        blocks = int(avail // self.block_bytes)
+        if blocks < 1:
+            raise ValueError(f"gpu_memory_utilization={utilization}: no memory left for the KV cache "
+                             f"({used / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB, activations "
+                             f"{peak / 2**30:.1f} GiB)")
+        return blocks
+
+    def _activation_peak(self, num_tokens: int) -> int:
+        """Bytes a forward of ``num_tokens`` tokens needs beyond the weights (measured once, dense path)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        self.model.forward_dense(ids)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak

@@ -1,0 +1,141 @@
+"""Torch reference paged attention: prefill chunks over cached prefixes, and batched decode (GQA).
+
+The KV cache of one layer is a pair of tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``; a
+sequence's tokens live in the blocks its block table names, in order (vLLM's PagedAttention layout,
+Kwon et al. 2023). This reference is vectorized over sequences for decode (blocks gathered into one padded
+tensor, one ``scaled_dot_product_attention`` call) and runs one call per prefill chunk, so the host never
+loops over tokens and never synchronizes. A Triton kernel replaces it later behind the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of one packed step sit, per sequence.
+
+    The step's tokens are packed sequence after sequence, decodes first (one query token each), then
+    prefill chunks. ``context_lens`` counts the tokens already in the cache before this step.
+    """
+
+    block_size: int
+    num_decodes: int
+    #: per sequence, host ints: query tokens of this step, and cached tokens before it
+    query_lens: list[int]
+    context_lens: list[int]
+    #: [num_tokens] int64 on the device: cache slot (block * block_size + offset) of each new token
+    slot_mapping: torch.Tensor
+    #: [num_seqs, max_blocks] int64 on the device, padded with block 0 (masked out)
+    block_tables: torch.Tensor
+    #: [num_decodes] int64 on the device: tokens each decode attends to (its context plus itself)
+    decode_seq_lens: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values ``[num_tokens, kv_heads, head_dim]`` at their slots."""
+    kvh, hd = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Blocks named by ``tables [B, nb]`` as one padded tensor ``[B, nb * block_size, kv_heads, head_dim]``."""
+    b, nb = tables.shape
+    g = cache[tables]  # [B, nb, block_size, kvh, hd]
+    return g.reshape(b, nb * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+    """One query token per sequence: ``q [B, heads, head_dim]`` -> ``[B, heads, head_dim]``.
+
+    The query heads of one KV head are laid out as the query-length axis of one SDPA call
+    (``[B, kv_heads, group, head_dim]``), so grouped-query attention needs no copy of K and V per head.
+    """
+    b, heads, hd = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kvh
+    nb = -(-max_seq_len // bs)
+    tables = block_tables[:, :nb]
+    k = _gather(k_cache, tables).transpose(1, 2)  # [B, kvh, L, hd]
+    v = _gather(v_cache, tables).transpose(1, 2)
+    length = k.shape[2]
+    mask = (torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]).view(b, 1, 1, length)
+    out = F.scaled_dot_product_attention(q.view(b, kvh, group, hd), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, hd)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                      scale: float) -> torch.Tensor:
+    """One prompt chunk of ``n`` tokens after ``context_len`` cached ones: ``q [n, heads, hd]`` -> same shape.
+
+    Without a cached prefix the chunk attends to itself causally (``k``, ``v`` as computed, the fused
+    kernels' fast path); with one, keys come from the cache (the chunk's own were written there first)
+    and query ``i`` sees keys ``0 .. context_len + i``.
+    """
+    n, heads, hd = q.shape
+    kvh = k.shape[1]
+    group = heads // kvh
+    if context_len == 0:
+        keys, values, mask, causal = k, v, None, True
+    else:
+        total = context_len + n
+        nb = -(-total // k_cache.shape[1])
+        tables = block_table[:nb].unsqueeze(0)
+        keys = _gather(k_cache, tables)[0, :total]
+        values = _gather(v_cache, tables)[0, :total]
+        rows = torch.arange(n, device=q.device)[:, None] + context_len
+        mask = torch.arange(total, device=q.device)[None, :] <= rows
+        causal = False
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=mask, is_causal=causal, scale=scale)
+    return out.transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of one packed step; writes the new K/V into the cache first.
+
+    ``q [T, heads, hd]``, ``k``/``v [T, kv_heads, hd]`` -> ``[T, heads, hd]``.
+    """
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    nd = meta.num_decodes
+    parts = []
+    if nd:
+        max_len = max(meta.context_lens[i] + 1 for i in range(nd))
+        assert meta.decode_seq_lens is not None
+        parts.append(decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.decode_seq_lens,
+                                      max_len, scale))
+    start = nd
+    for i in range(nd, len(meta.query_lens)):
+        n = meta.query_lens[i]
+        end = start + n
+        parts.append(prefill_attention(q[start:end], k[start:end], v[start:end], k_cache, v_cache,
+                                       meta.block_tables[i], meta.context_lens[i], scale))
+        start = end
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention over one whole sequence, no cache: the correctness reference."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, scale=scale)
+    return out.transpose(0, 1)
