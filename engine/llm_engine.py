@@ -103,7 +103,8 @@ class LLMEngine:
         if max_len > capacity:
             if config.max_model_len is not None:
                 raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
-                                 f"({self.worker.num_kv_blocks} blocks of {config.block_size} = {capacity} tokens)")
+                                 f"({self.worker.num_kv_blocks} blocks of {config.block_size} = "
+                                 f"{capacity} tokens)")
             log.info("max_model_len capped from %d to %d tokens: what the KV cache holds", max_len, capacity)
             max_len = capacity
         self.max_model_len = max_len
@@ -150,7 +151,9 @@ class LLMEngine:
                              f"{total} exceeds the context of {self.max_model_len} tokens")
         generator = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter)))
+            seed = params.seed
+            if seed is None:  # unseeded: a stream of its own, reproducible for the engine's seed
+                seed = hash((self.config.seed, next(self._seed_counter)))
             generator = torch.Generator(device=self.worker.device).manual_seed(seed & (2**63 - 1))
         seq = Sequence(request_id, prompt_token_ids, params, arrival_ns or time.time_ns(), generator)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -176,8 +179,9 @@ class LLMEngine:
         phase = out.phase
         if phase is None:
             if self.scheduler.has_unfinished():
-                raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
-                                   f"{len(self.scheduler.running)} running requests")
+                s = self.scheduler
+                raise RuntimeError(f"scheduler made no progress with {len(s.waiting)} waiting and "
+                                   f"{len(s.running)} running requests")
             return []
         runner = self.worker.runner
         inputs = runner.prepare(out)
@@ -212,8 +216,8 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.remove(seq)
             self._seqs.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, [token], list(outputs), seq.text, seq.finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_cached_tokens)
+        return RequestOutput(seq.request_id, [token], list(outputs), seq.text, seq.finished,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
 
     @staticmethod
     def _cut_stop(seq: Sequence, prev_len: int) -> bool:
@@ -236,7 +240,8 @@ class LLMEngine:
                            steps_by_phase=dict(self.steps_by_phase),
                            step_seconds_by_phase=dict(self.step_seconds_by_phase))
 
-    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    def generate(self, prompts: list[str],
+                 params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
         """Offline: tokenize and add every prompt, step until all are done; final outputs in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):

@@ -30,7 +30,8 @@ class ModelSource:
     def tokenizer(self) -> Tokenizer:
         if self.folder is None:
             return ByteTokenizer()
-        return HFTokenizer(self.folder / "tokenizer.json", self.config.bos_token_id, self.config.eos_token_ids)
+        c = self.config
+        return HFTokenizer(self.folder / "tokenizer.json", c.bos_token_id, c.eos_token_ids)
 
     def build(self, device: torch.device, dtype: torch.dtype, seed: int, max_positions: int) -> LlamaModel:
         if self.folder is None:

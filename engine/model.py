@@ -60,7 +60,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class Rotary(nn.Module):
     """cos/sin tables for positions ``0 .. max_positions-1``, applied in the ``rotate_half`` layout."""
 
-    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         t = torch.arange(max_positions, dtype=torch.float64)
@@ -88,7 +89,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = config.head_dim ** -0.5
         self.qkv_proj = _param(self.q_size + 2 * self.kv_size, config.hidden_size, device=device, dtype=dtype)
@@ -120,7 +122,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = _param(2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
+        self.gate_up_proj = _param(2 * config.intermediate_size, config.hidden_size, device=device,
+                                   dtype=dtype)
         self.down_proj = _param(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +143,8 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """A Llama decoder with its LM head. Build with :meth:`random` or load with the loader."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 max_positions: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, max_positions: int | None = None) -> None:
         super().__init__()
         device = torch.device(device)
         if dtype is None:
@@ -152,8 +155,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = _param(config.vocab_size, h, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps, device, dtype)
-        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, h, device=device,
-                                                                         dtype=dtype)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else _param(config.vocab_size, h, device=device, dtype=dtype))
         self.rotary = Rotary(config, self.max_positions, device, dtype)
 
     @classmethod

@@ -120,9 +120,10 @@ class Scheduler:
             budget -= n
 
         def make_room(seq: Sequence, n: int) -> bool:
-            """Allocate for ``seq``, preempting later sequences not in this step; False if ``seq`` itself went."""
+            """Allocate for ``seq``, preempting later sequences not in this step; False if ``seq`` went."""
             while not self.block_manager.allocate(seq, n):
-                victim = next((s for s in reversed(self.running) if id(s) not in in_step and s is not seq), None)
+                victim = next((s for s in reversed(self.running) if id(s) not in in_step and s is not seq),
+                              None)
                 self._preempt(victim or seq, out)
                 if victim is None:
                     return False

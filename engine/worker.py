@@ -45,11 +45,11 @@ class Worker:
                                               max_num_seqs, max_model_len)
         c = self.model_config
         # zeroed: padded slots are masked but still multiplied, and 0 * NaN of stale garbage is NaN
-        self.kv_cache = torch.zeros(c.num_layers, 2, self.num_kv_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                    device=self.device, dtype=self.dtype)
+        self.kv_cache = torch.zeros(c.num_layers, 2, self.num_kv_blocks, block_size, c.num_kv_heads,
+                                    c.head_dim, device=self.device, dtype=self.dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, block_size)
-        log.info("worker on %s: %s in %s, %d KV blocks of %d tokens (%.2f GiB)", self.device, c.name, self.dtype,
-                 self.num_kv_blocks, block_size, self.num_kv_blocks * self.block_bytes / 2**30)
+        log.info("worker on %s: %s in %s, %d KV blocks of %d tokens (%.2f GiB)", self.device, c.name,
+                 self.dtype, self.num_kv_blocks, block_size, self.num_kv_blocks * self.block_bytes / 2**30)
 
     def _size_cache(self, num_kv_blocks: int | None, utilization: float, max_batched: int, max_seqs: int,
                     max_model_len: int) -> int:

@@ -49,14 +49,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Blocks named by ``tables [B, nb]`` as one padded tensor ``[B, nb * block_size, kv_heads, head_dim]``."""
+    """Blocks named by ``tables [B, nb]`` as one padded tensor ``[B, nb * block_size, kv_heads, hd]``."""
     b, nb = tables.shape
     g = cache[tables]  # [B, nb, block_size, kvh, hd]
     return g.reshape(b, nb * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                     scale: float) -> torch.Tensor:
     """One query token per sequence: ``q [B, heads, head_dim]`` -> ``[B, heads, head_dim]``.
 
     The query heads of one KV head are laid out as the query-length axis of one SDPA call
