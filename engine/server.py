@@ -1,0 +1,686 @@
+"""The OpenAI-compatible HTTP front-end: FastAPI app, worker processes, router, streaming.
+
+The front-end tokenizes and validates each request, routes it to the least-loaded live worker
+(:mod:`router`), sends it over the worker protocol (:mod:`protocol`), detokenizes the tokens that come back
+and streams them. It also measures the request latencies (:mod:`metrics`) and writes the request log
+(:mod:`request_log`). Endpoints:
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: non-streaming, or SSE with ``data: [DONE]``;
+  ``usage`` has ``prompt_tokens_details.cached_tokens`` (``stream_options.include_usage`` when streaming).
+  Extensions (as vLLM names them): ``top_k``, ``ignore_eos``; header ``X-Session-ID`` tags the request log.
+- ``GET /v1/models``, ``GET /health`` (200 ``ok``; 200 ``degraded`` when a worker died and one still lives;
+  503 ``unavailable`` when none does; per-worker state in the body), ``GET /metrics``.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: bad input is 400, a full
+queue 503 with ``Retry-After``, no live worker 503, a worker that died under a request 500. A stream that
+fails after its first token ends with one ``data: {"error": ...}`` event and no ``[DONE]``.
+
+Chat template of the byte-level presets (the random-weight models have no template of their own), also
+used for Hugging Face folders::
+
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n ... <|assistant|>\\n
+
+one ``<|{role}|>`` line and the content, then a newline, per message; the prompt ends with ``<|assistant|>\\n``
+so the model answers as the assistant. Roles ``system``, ``developer`` (written as ``system``), ``user``,
+``assistant``; content a string or a list of ``{"type": "text"}`` parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from phaselens.engine import protocol
+from phaselens.engine.metrics import EngineMetrics
+from phaselens.engine.request_log import RequestLog, RequestRecord
+from phaselens.engine.router import NoWorkerAvailable, Router
+from phaselens.engine.sampling_params import SamplingParams
+from phaselens.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from phaselens.engine.worker_process import WorkerConfig, WorkerProcess
+from phaselens.phase import Role
+
+log = logging.getLogger(__name__)
+
+# -- request bodies (OpenAI's field names and defaults; strict types: "5" is not an integer)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions, as vLLM names them
+    top_k: int = 0
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def apply_chat_template(messages: list[ChatMessage]) -> str:
+    """The documented byte-level chat template (module docstring). APIError for roles or parts we lack."""
+    parts = []
+    for i, msg in enumerate(messages):
+        role = _ROLES.get(msg.role)
+        if role is None:
+            raise _bad(f"messages[{i}].role {msg.role!r} is not supported (system, developer, user, assistant)",
+                       param=f"messages[{i}].role")
+        if msg.content is None:
+            content = ""
+        elif isinstance(msg.content, str):
+            content = msg.content
+        else:
+            texts = []
+            for j, part in enumerate(msg.content):
+                if part.type != "text" or part.text is None:
+                    raise _bad(f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}",
+                               param=f"messages[{i}].content")
+                texts.append(part.text)
+            content = "".join(texts)
+        parts.append(f"<|{role}|>\n{content}\n")
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+# -- per-request state
+
+
+@dataclass
+class RequestState:
+    """One request in flight. Written by worker reader threads and the event loop, under ``lock``."""
+
+    request_id: str
+    role: Role
+    prompt_tokens: int
+    arrival_ns: int
+    session_id: str | None
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    worker: str | None = None
+    first_token_ns: int | None = None
+    last_token_ns: int | None = None
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def push(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class ServerConfig:
+    """How the front-end runs; worker engines are described by ``workers``."""
+
+    model: str
+    workers: list[WorkerConfig]
+    #: the model id clients send; defaults to ``model``
+    served_model_name: str | None = None
+    #: most requests admitted and still waiting for their first token; more answer 503
+    max_queue: int = 256
+    request_log: str | None = None
+    worker_start_timeout_s: float = 600.0
+    hostname: str | None = None
+
+
+class APIServer:
+    """The front-end: owns the worker processes, the router, the metrics and the request log."""
+
+    def __init__(self, config: ServerConfig, tokenizer: Tokenizer | None = None):
+        self.config = config
+        self.model_name = config.served_model_name or config.model
+        if tokenizer is None:
+            from phaselens.engine.loader import resolve  # torch: only when serving a real model
+            tokenizer = resolve(config.model).tokenizer()
+        self.tokenizer = tokenizer
+        self.router = Router()
+        self.metrics = EngineMetrics(self.model_name, hostname=config.hostname)
+        self.request_log = RequestLog(config.request_log)
+        self.workers: dict[str, WorkerProcess] = {}
+        self.worker_stats: dict[str, dict[str, Any]] = {}
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._lock = threading.Lock()
+        self._requests: dict[str, RequestState] = {}
+        self._awaiting_first = 0
+        self._ids = itertools.count()
+        self.started_at = int(time.time())
+        self.app = self._build_app()
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Start every worker and wait until all are ready. RuntimeError names a worker that failed."""
+        for wc in self.config.workers:
+            worker = WorkerProcess(wc, self._on_event, self._on_exit)
+            self.workers[wc.worker_id] = worker
+            self.router.add_worker(wc.worker_id, wc.role)
+            worker.start()
+        try:
+            lens = []
+            for worker in self.workers.values():
+                ready = worker.wait_ready(self.config.worker_start_timeout_s)
+                lens.append(ready.max_model_len)
+                self.vocab_size = max(self.vocab_size, ready.vocab_size)
+        except RuntimeError:
+            self.stop()
+            raise
+        self.max_model_len = min(lens)
+        self._publish_alive()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.request_log.close()
+
+    # -- events from the workers (reader threads)
+
+    def _on_event(self, worker: WorkerProcess, event: Any) -> None:
+        if isinstance(event, protocol.StepReport):
+            self.worker_stats[worker.worker_id] = event.stats
+            role = worker.role.value
+            self.metrics.observe_step(worker.worker_id, role, event.phase, event.step_seconds,
+                                      event.prefill_tokens, event.decode_tokens)
+            self.metrics.update_engine_stats(worker.worker_id, role, event.stats)
+            now = time.time_ns()
+            for delta in event.outputs:
+                self._on_delta(delta, now)
+        elif isinstance(event, protocol.StatsReport):
+            self.worker_stats[worker.worker_id] = event.stats
+            self.metrics.update_engine_stats(worker.worker_id, worker.role.value, event.stats)
+        elif isinstance(event, protocol.RequestRejected):
+            state = self._get(event.request_id)
+            if state is not None:
+                self._finalize(state, "error", None)
+                state.push(("error", _bad(event.message, param="prompt")))
+
+    def _on_delta(self, delta: protocol.TokenDelta, now: int) -> None:
+        state = self._get(delta.request_id)
+        if state is None:
+            return  # aborted: the client went away
+        n = len(delta.new_token_ids)
+        with state.lock:
+            if state.done:
+                return
+            if n:
+                role = state.role.value
+                if state.first_token_ns is None:
+                    state.first_token_ns = now
+                    with self._lock:
+                        self._awaiting_first -= 1
+                    self.metrics.observe_first_token(role, (now - state.arrival_ns) / 1e9)
+                    gaps = n - 1
+                else:
+                    gaps = n
+                if gaps and state.last_token_ns is not None:
+                    # several tokens in one step arrive together: share the gap among them
+                    for _ in range(gaps):
+                        self.metrics.observe_inter_token(role, (now - state.last_token_ns) / 1e9 / gaps)
+                state.last_token_ns = now
+            state.output_tokens = delta.num_output_tokens
+            state.cached_tokens = delta.num_cached_tokens
+            state.prompt_tokens = delta.num_prompt_tokens or state.prompt_tokens
+        if n:
+            state.push(("tokens", list(delta.new_token_ids)))
+        if delta.finished:
+            reason = delta.finish_reason or "stop"
+            self._finalize(state, "aborted" if reason == "abort" else "ok", reason, now)
+            state.push(("finish", reason, delta.text))
+
+    def _on_exit(self, worker: WorkerProcess, exitcode: int | None) -> None:
+        orphans = self.router.mark_dead(worker.worker_id)
+        self._publish_alive()
+        if worker._stopping:
+            return
+        why = worker.failure.splitlines()[0] if worker.failure else f"exit code {exitcode}"
+        for rid in orphans:
+            state = self._get(rid)
+            if state is None:
+                continue
+            self._finalize(state, "error", None)
+            state.push(("error", APIError(
+                500, f"worker {worker.worker_id} died while serving this request ({why})",
+                type_="server_error", code="worker_died")))
+
+    def _publish_alive(self) -> None:
+        for role in {w.role for w in self.workers.values()}:
+            self.metrics.set_workers_alive(role.value, self.router.alive_count(role))
+
+    # -- request bookkeeping
+
+    def _get(self, request_id: str) -> RequestState | None:
+        with self._lock:
+            return self._requests.get(request_id)
+
+    def _finalize(self, state: RequestState, status: str, finish_reason: str | None,
+                  now: int | None = None) -> bool:
+        """Close a request once: release its load, count it, log it. False if it was already closed."""
+        with state.lock:
+            if state.done:
+                return False
+            state.done = True
+        now = now or time.time_ns()
+        with self._lock:
+            self._requests.pop(state.request_id, None)
+            if state.first_token_ns is None:
+                self._awaiting_first -= 1
+        self.router.release(state.request_id)
+        e2e = (now - state.arrival_ns) / 1e9
+        tpot = None
+        if state.first_token_ns is not None and state.output_tokens > 1:
+            tpot = (now - state.first_token_ns) / 1e9 / (state.output_tokens - 1)
+        self.metrics.observe_finished(state.role.value, status, e2e, tpot)
+        self.request_log.write(RequestRecord(
+            request_id=state.request_id, arrival_ns=state.arrival_ns, first_token_ns=state.first_token_ns,
+            finish_ns=now, prompt_tokens=state.prompt_tokens, cached_tokens=state.cached_tokens,
+            output_tokens=state.output_tokens, worker=state.worker, role=state.role.value, status=status,
+            finish_reason=finish_reason, session_id=state.session_id))
+        return True
+
+    def abort(self, state: RequestState) -> None:
+        """The client went away: stop the request in its worker (frees its KV blocks) and log it."""
+        if not self._finalize(state, "aborted", "abort"):
+            return
+        worker = self.workers.get(state.worker or "")
+        if worker is not None and worker.alive:
+            worker.send(protocol.AbortRequest(state.request_id))
+
+    def submit(self, prefix: str, prompt_ids: list[int], params: SamplingParams,
+               session_id: str | None, arrival_ns: int, role: Role = Role.COLOCATED) -> RequestState:
+        """Admit a request and send it to a worker. APIError 503 when the queue is full or no worker lives."""
+        request_id = f"{prefix}-{uuid.uuid4().hex[:16]}{next(self._ids)}"
+        state = RequestState(request_id=request_id, role=role, prompt_tokens=len(prompt_ids),
+                             arrival_ns=arrival_ns, session_id=session_id, queue=asyncio.Queue(),
+                             loop=asyncio.get_running_loop())
+        with self._lock:
+            if self._awaiting_first >= self.config.max_queue:
+                self.metrics.count_rejected(role.value, "queue_full")
+                raise APIError(503, f"the server is overloaded: {self._awaiting_first} requests are waiting "
+                                    f"for their first token (--max-queue {self.config.max_queue}); retry later",
+                               type_="overloaded_error", code="queue_full", headers={"Retry-After": "1"})
+            try:
+                state.worker = self.router.select(request_id, len(prompt_ids) + params.max_tokens, role)
+            except NoWorkerAvailable as exc:
+                self.metrics.count_rejected(role.value, "no_worker")
+                raise APIError(503, f"no engine worker is available ({exc}); see /health",
+                               type_="server_error", code="no_worker", headers={"Retry-After": "5"}) from None
+            self._requests[request_id] = state
+            self._awaiting_first += 1
+        self.workers[state.worker].send(protocol.AddRequest(request_id, prompt_ids, params, arrival_ns, role))
+        return state
+
+    # -- validation shared by both endpoints
+
+    def _check_common(self, body: _Common) -> None:
+        if body.model != self.model_name:
+            raise APIError(400, f"the model {body.model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+        if body.n != 1:
+            raise _bad(f"n={body.n} is not supported (only n=1)", param="n")
+        if body.presence_penalty or body.frequency_penalty:
+            raise _bad("presence_penalty and frequency_penalty are not supported (only 0)",
+                       param="presence_penalty" if body.presence_penalty else "frequency_penalty")
+        if body.logit_bias:
+            raise _bad("logit_bias is not supported", param="logit_bias")
+
+    def _params(self, body: _Common, max_tokens: int | None, prompt_len: int,
+                default_max: int | None) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if prompt_len < 1:
+            raise _bad("the prompt is empty", param="prompt")
+        if max_tokens is not None and max_tokens < 1:
+            raise _bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = prompt_len + (max_tokens or 1)
+            raise _bad(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                       f"requested {asked} tokens ({prompt_len} in the prompt, {max_tokens or 1} for the "
+                       f"completion). Please reduce the prompt or the completion length.",
+                       param="max_tokens" if room >= 1 else "prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room if default_max is None else min(default_max, room)
+        stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+
+    def _completion_prompt(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise _bad(f"batched prompts are not supported ({len(prompt)} prompts); send one per request",
+                           param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)]
+        if bad:
+            raise _bad(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")
+        return ids
+
+    # -- the app
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="phaselens engine", docs_url=None, redoc_url=None)
+        server = self
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            server.metrics.count_rejected(Role.COLOCATED.value, "bad_request")
+            errors = exc.errors()
+            first = errors[0] if errors else {}
+            if first.get("type") == "json_invalid":
+                return _bad(f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
+                            code="json_invalid").response()
+            loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+            param = ".".join(loc) or None
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+                             f"{e.get('msg')}" for e in errors[:5])
+            return _bad(f"invalid request: {msgs}", param=param).response()
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+            if exc.status == 400:
+                server.metrics.count_rejected(Role.COLOCATED.value, "bad_request")
+            return exc.response()
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                                "created": server.started_at, "owned_by": "phaselens",
+                                                "max_model_len": server.max_model_len}]}
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return server.health()
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request) -> Response:
+            arrival = time.time_ns()
+            server._check_common(body)
+            unsupported = {"echo": body.echo, "logprobs": body.logprobs is not None,
+                           "best_of": body.best_of not in (None, 1), "suffix": body.suffix is not None}
+            for name, given in unsupported.items():
+                if given:
+                    raise _bad(f"{name} is not supported", param=name)
+            ids = server._completion_prompt(body)
+            params = server._params(body, body.max_tokens, len(ids), default_max=16)
+            return await server._respond("cmpl", ids, params, body, request, arrival, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+            arrival = time.time_ns()
+            server._check_common(body)
+            if body.logprobs or body.top_logprobs:
+                raise _bad("logprobs are not supported", param="logprobs")
+            if body.tools:
+                raise _bad("tools are not supported", param="tools")
+            if body.response_format and body.response_format.get("type") != "text":
+                raise _bad("response_format other than text is not supported", param="response_format")
+            ids = server.tokenizer.encode(apply_chat_template(body.messages))
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            params = server._params(body, max_tokens, len(ids), default_max=None)
+            return await server._respond("chatcmpl", ids, params, body, request, arrival, chat=True)
+
+        @app.on_event("shutdown")
+        async def _shutdown() -> None:  # uvicorn stopping: stop the workers too
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+
+        return app
+
+    def health(self) -> JSONResponse:
+        loads = {w.worker_id: w for w in self.router.loads()}
+        workers = []
+        for wid, worker in self.workers.items():
+            alive = worker.alive
+            stats = self.worker_stats.get(wid, {})
+            workers.append({
+                "id": wid, "role": worker.role.value, "alive": alive, "pid": worker.pid,
+                "exitcode": None if alive else worker.exitcode,
+                "error": None if alive else (worker.failure or f"exited with code {worker.exitcode}"),
+                "requests": loads[wid].requests if wid in loads else 0,
+                "num_running": stats.get("num_running"), "num_waiting": stats.get("num_waiting"),
+                "kv_usage": stats.get("kv_usage")})
+        alive = sum(1 for w in workers if w["alive"])
+        status = "ok" if alive == len(workers) else ("degraded" if alive else "unavailable")
+        with self._lock:
+            inflight, waiting = len(self._requests), self._awaiting_first
+        body = {"status": status, "model": self.model_name, "workers": workers, "requests_in_flight": inflight,
+                "requests_awaiting_first_token": waiting, "max_queue": self.config.max_queue}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    # -- responses
+
+    async def _respond(self, prefix: str, ids: list[int], params: SamplingParams, body: _Common,
+                       request: Request, arrival_ns: int, chat: bool) -> Response:
+        session = request.headers.get("x-session-id")
+        state = self.submit(prefix, ids, params, session, arrival_ns)
+        stream = _TextStream(self.tokenizer, params.stop)
+        if not body.stream:
+            try:
+                text, reason = await self._collect(state, stream)
+            except asyncio.CancelledError:
+                self.abort(state)
+                raise
+            return JSONResponse(self._full_body(state, body, text, reason, chat))
+        # wait for the first item before answering, so a request that fails at once gets a real status
+        try:
+            first = await state.queue.get()
+        except asyncio.CancelledError:
+            self.abort(state)
+            raise
+        if first[0] == "error":
+            raise first[1]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(self._sse(state, stream, body, first, include_usage, chat),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-ID": state.request_id})
+
+    async def _collect(self, state: RequestState, stream: "_TextStream") -> tuple[str, str]:
+        while True:
+            item = await state.queue.get()
+            if item[0] == "tokens":
+                stream.add(item[1])
+            elif item[0] == "finish":
+                stream.finish(item[2])
+                return stream.text, item[1]
+            else:
+                raise item[1]
+
+    async def _sse(self, state: RequestState, stream: "_TextStream", body: _Common, first: tuple,
+                   include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        model = self.model_name
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, reason: str | None, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            payload = {"id": state.request_id, "object": obj, "created": created, "model": model,
+                       "choices": [choice]}
+            if include_usage:
+                payload["usage"] = None
+            return _sse_line(payload)
+
+        finished = False
+        try:
+            if chat:
+                yield chunk("", None, role=True)
+            item = first
+            while True:
+                if item[0] == "tokens":
+                    delta = stream.add(item[1])
+                    if delta:
+                        yield chunk(delta, None)
+                elif item[0] == "finish":
+                    tail = stream.finish(item[2])
+                    finished = True
+                    if tail:
+                        yield chunk(tail, None)
+                    yield chunk(None if chat else "", item[1])
+                    if include_usage:
+                        yield _sse_line({"id": state.request_id, "object": obj, "created": created,
+                                         "model": model, "choices": [], "usage": _usage(state)})
+                    yield b"data: [DONE]\n\n"
+                    return
+                else:
+                    finished = True
+                    yield _sse_line(item[1].body())
+                    return
+                item = await state.queue.get()
+        finally:
+            if not finished:  # the client went away (the generator was closed or cancelled)
+                self.abort(state)
+
+    def _full_body(self, state: RequestState, body: _Common, text: str, reason: str, chat: bool) -> dict:
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return {"id": state.request_id, "object": obj, "created": int(time.time()), "model": self.model_name,
+                "choices": [choice], "usage": _usage(state)}
+
+
+def _usage(state: RequestState) -> dict[str, Any]:
+    return {"prompt_tokens": state.prompt_tokens, "completion_tokens": state.output_tokens,
+            "total_tokens": state.prompt_tokens + state.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": state.cached_tokens}}
+
+
+def _sse_line(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _TextStream:
+    """Streamed text of one request: incremental detokenization, holding back what may be a stop string.
+
+    The engine stops on a stop string and sends its final text with the stop string removed; until then
+    the stream must not emit a tail that may turn out to be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._ids: list[int] = []
+        self._stop = stop
+        self.text = ""  # what has been sent
+
+    def add(self, ids: list[int]) -> str:
+        """New ids; returns the text now safe to send."""
+        self._ids.extend(ids)
+        full = self._detok.add(self._ids)
+        safe = full
+        for s in self._stop:
+            at = safe.find(s)
+            if at >= 0:
+                safe = safe[:at]
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(safe)), 0, -1):
+                if safe.endswith(s[:k]):
+                    safe = safe[: len(safe) - k]
+                    break
+        if len(safe) <= len(self.text) or not safe.startswith(self.text):
+            return ""
+        delta, self.text = safe[len(self.text):], safe
+        return delta
+
+    def finish(self, final_text: str | None) -> str:
+        """The request finished; ``final_text`` is the engine's. Returns the last piece to send."""
+        if final_text is None:
+            final_text = self._detok.flush(self._ids)
+        if not final_text.startswith(self.text):
+            log.warning("streamed text is not a prefix of the engine's final text; sending only the tail")
+            return ""
+        delta, self.text = final_text[len(self.text):], final_text
+        return delta
+
