@@ -28,6 +28,7 @@ so the model answers as the assistant. Roles ``system``, ``developer`` (written 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -440,8 +441,15 @@ class APIServer:
     # -- the app
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="phaselens engine", docs_url=None, redoc_url=None)
         server = self
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            yield
+            # uvicorn is stopping: stop the workers too
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+
+        app = FastAPI(title="phaselens engine", docs_url=None, redoc_url=None, lifespan=lifespan)
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -504,10 +512,6 @@ class APIServer:
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             params = server._params(body, max_tokens, len(ids), default_max=None)
             return await server._respond("chatcmpl", ids, params, body, request, arrival, chat=True)
-
-        @app.on_event("shutdown")
-        async def _shutdown() -> None:  # uvicorn stopping: stop the workers too
-            await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
         return app
 

@@ -1,0 +1,68 @@
+"""Runs an :class:`APIServer` with real worker processes and uvicorn on a free port, for the server tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import uvicorn
+
+from phaselens.engine.server import APIServer, ServerConfig
+from phaselens.engine.tokenizer import ByteTokenizer
+from phaselens.engine.worker_process import WorkerConfig
+
+FAKE = "tests.engine.fake_engine:build"
+
+
+def tiny_workers(n: int = 2, **engine_args: Any) -> list[WorkerConfig]:
+    """``n`` real tiny-preset engines on CPU (one torch thread each: the test machine has 2 cores)."""
+    args = dict(model="tiny", device="cpu", shim_enabled=False, num_kv_blocks=256, max_num_seqs=64)
+    args.update(engine_args)
+    return [WorkerConfig(worker_id=f"w{i}", engine_args=dict(args, gpu_uuid=f"GPU-sim-{i}"), torch_threads=1)
+            for i in range(n)]
+
+
+def fake_workers(n: int = 1, **engine_args: Any) -> list[WorkerConfig]:
+    return [WorkerConfig(worker_id=f"w{i}", engine_args=dict(engine_args), engine_factory=FAKE,
+                         heartbeat_s=0.1) for i in range(n)]
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class LiveServer:
+    """Context manager: workers started, HTTP served at ``self.url``; everything stopped on exit."""
+
+    def __init__(self, workers: list[WorkerConfig], model: str = "tiny", **config: Any):
+        self.api = APIServer(ServerConfig(model=model, workers=workers, worker_start_timeout_s=120, **config),
+                             tokenizer=ByteTokenizer())
+        self.url = ""
+        self._uvicorn: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "LiveServer":
+        self.api.start()
+        cfg = uvicorn.Config(self.api.app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        self._uvicorn = uvicorn.Server(cfg)
+        self._thread = threading.Thread(target=self._uvicorn.run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: self._uvicorn.started, 30, "uvicorn to start")
+        port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._thread.join(15)
+        self.api.stop()
