@@ -1,0 +1,42 @@
+"""Agent health: is each node agent up, sampling, receiving step events and attributing?"""
+
+from __future__ import annotations
+
+from phaselens.dashboards.common import GPU_SEL, HOST_SEL, RATE, dashboard, m, sel, stat, table, timeseries
+
+dashboard = dashboard(
+    title="phaselens / Agent health",
+    uid="phaselens-agent-health",
+    description="Start-up, GPUs found, sampler success and latency, shim events, attribution state.",
+    panels=[
+        stat("Agents started", [(f"sum({m('phaselens_agent_started')}" + sel(HOST_SEL) + ")", "")],
+             "none", (0, 0, 6, 4)),
+        stat("GPUs watched", [(f"sum({m('phaselens_agent_gpus')}" + sel(HOST_SEL) + ")", "")],
+             "none", (6, 0, 6, 4)),
+        stat("Failed samplers", [(f"sum({m('phaselens_agent_samplers_failed')}" + sel(HOST_SEL) + ")", "")],
+             "none", (12, 0, 6, 4)),
+        stat("Scrape errors (state read)",
+             [(f"sum({m('phaselens_agent_collect_errors_total')}" + sel(HOST_SEL) + ")", "")],
+             "none", (18, 0, 6, 4)),
+        table("Agents", [(f"max by (hostname, version) ({m('phaselens_agent_info')}" + sel(HOST_SEL) + ")",
+                          "version")], "none", (0, 4, 24, 5)),
+        timeseries("Sampler success", [(m("phaselens_sampler_success") + sel(HOST_SEL),
+                                        "{{hostname}} {{sampler}}")], "none", (0, 9, 12, 8)),
+        timeseries("Sampler poll duration", [(m("phaselens_sampler_duration_seconds") + sel(HOST_SEL),
+                                              "{{hostname}} {{sampler}}")], "s", (12, 9, 12, 8)),
+        timeseries("Shim events received/s",
+                   [(f"sum by (hostname) (rate({m('phaselens_shim_events_received_total')}" + sel(HOST_SEL)
+                     + f"[{RATE}]))", "{{hostname}}")], "short", (0, 17, 12, 8)),
+        timeseries("Shim events rejected/s by reason",
+                   [(f"sum by (hostname, reason) (rate({m('phaselens_shim_events_rejected_total')}"
+                     + sel(HOST_SEL) + f"[{RATE}]))", "{{hostname}} {{reason}}")], "short", (12, 17, 12, 8)),
+        timeseries("Attribution offset", [(m("phaselens_attribution_offset_seconds") + sel(GPU_SEL),
+                                           "{{hostname}} GPU {{gpu}}")], "s", (0, 25, 8, 8)),
+        timeseries("Attribution windows", [(m("phaselens_attribution_windows") + sel(GPU_SEL),
+                                            "{{hostname}} GPU {{gpu}}")], "short", (8, 25, 8, 8)),
+        timeseries("Attribution age", [(m("phaselens_attribution_age_seconds") + sel(GPU_SEL),
+                                        "{{hostname}} GPU {{gpu}}")], "s", (16, 25, 8, 8)),
+        timeseries("Scrape target up", [('up{job=~"phaselens.*"}', "{{job}} {{instance}}")], "none",
+                   (0, 33, 24, 6)),
+    ],
+)
