@@ -175,5 +175,7 @@ class Scheduler:
     def update(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are in the cache; register completed blocks."""
         for s in out.scheduled:
+            if s.seq.status is not SequenceStatus.RUNNING:  # aborted since it was scheduled
+                continue
             s.seq.num_computed_tokens += s.num_tokens
             self.block_manager.register_full_blocks(s.seq)
