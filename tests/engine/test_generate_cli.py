@@ -17,7 +17,8 @@ def invoke(*args: str):
 def test_generate_prints_text_and_phase_table(tmp_path) -> None:
     jsonl = tmp_path / "steps.jsonl"
     res = invoke("--preset", "tiny", "--prompt", "Hello", "--prompt", "a longer second prompt",
-                 "--max-tokens", "5", "--ignore-eos", "--shim-jsonl", str(jsonl), "--shim-socket", str(tmp_path / "no.sock"))
+                 "--max-tokens", "5", "--ignore-eos", "--shim-jsonl", str(jsonl),
+                 "--shim-socket", str(tmp_path / "no.sock"))
     assert res.exit_code == 0, res.output
     assert "--- prompt 2" in res.output
     assert res.output.count("5 output tokens, finish: length") == 2
