@@ -10,7 +10,10 @@ A full receive queue is the one case worth a short wait: Linux caps a Unix datag
 ``net.unix.max_dgram_qlen`` datagrams (10 by default), whatever its ``SO_RCVBUF``, so an agent descheduled for
 ten steps would already lose records. A full queue (``EAGAIN``) therefore parks the record in a bounded
 backlog that later calls retry, oldest first, without waiting; when the backlog is full its oldest record is
-dropped and counted. A missing agent is not waited for at all.
+dropped and counted. A missing agent is not waited for at all: after a send finds no agent (no socket file, or
+nobody bound), records are counted as dropped without serializing or sending them until
+``reconnect_interval_s`` has passed, so an engine with no agent pays one clock read per step; an agent that
+starts later is picked up within that interval.
 
 The same records can also go to a JSON Lines file (:class:`phaselens.trace.TraceWriter`), the trace format
 ``phaselens attribute`` reads.
@@ -38,6 +41,9 @@ LOG_INTERVAL_S = 60.0
 #: Records parked while the agent's queue is full (about 10 s of steps at 100 steps/s).
 DEFAULT_BACKLOG = 1024
 
+#: After finding no agent, drop records unsent for this long before trying the socket again.
+RECONNECT_INTERVAL_S = 1.0
+
 
 class PhaseEmitter:
     """One datagram per record to ``socket_path`` (None: no socket) and optionally one line to ``jsonl_path``.
@@ -50,6 +56,7 @@ class PhaseEmitter:
     def __init__(self, socket_path: str | os.PathLike[str] | None = DEFAULT_SOCKET_PATH,
                  jsonl_path: str | os.PathLike[str] | None = None, *,
                  log_interval_s: float = LOG_INTERVAL_S, backlog: int = DEFAULT_BACKLOG,
+                 reconnect_interval_s: float = RECONNECT_INTERVAL_S,
                  monotonic: Callable[[], float] = time.monotonic):
         if backlog < 0:
             raise ValueError(f"backlog must be >= 0, got {backlog}")
@@ -65,6 +72,9 @@ class PhaseEmitter:
         self._sock: socket.socket | None = None
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_max = backlog
+        self._reconnect_s = reconnect_interval_s
+        self._absent_until = float("-inf")  # monotonic time until which the agent is taken as absent
+        self._absent_reason = ""
         if self.socket_path is not None:
             # Unbound and unconnected: each sendto() names the path, so an agent that starts (or restarts)
             # later is picked up without reconnecting.
@@ -88,14 +98,18 @@ class PhaseEmitter:
         """Send (and write) one record; True if the datagram went out now. Never raises or waits."""
         ok = True
         if self._sock is not None:
-            ok = self._send(dumps(rec).encode())
+            if self._absent_until > self._monotonic():
+                self._note_drop(self._absent_reason)
+                ok = False
+            else:
+                ok = self._send(dumps(rec).encode())
         if self._writer is not None:
             self._write(rec)
         return ok
 
     def retry(self) -> int:
         """Try the parked records again, oldest first, until the queue is full; how many are still parked."""
-        if self._sock is None:
+        if self._sock is None or not self._backlog:
             return 0
         while self._backlog:
             data = self._backlog[0]
@@ -105,7 +119,7 @@ class PhaseEmitter:
                 break
             except OSError as exc:
                 self._backlog.popleft()
-                self._note_drop(self._reason(exc))
+                self._note_drop(self._failed(exc))
                 continue
             self._backlog.popleft()
             self.sent += 1
@@ -150,7 +164,7 @@ class PhaseEmitter:
         except OSError as exc:
             # FileNotFoundError / ConnectionRefusedError: no agent; anything else (EMSGSIZE, ...) is dropped
             # the same way rather than surfacing in the engine.
-            self._note_drop(self._reason(exc))
+            self._note_drop(self._failed(exc))
             return False
         self.sent += 1
         return True
@@ -164,8 +178,13 @@ class PhaseEmitter:
             self._note_drop(f"agent socket {self.socket_path}: queue and backlog full")
         self._backlog.append(data)
 
-    def _reason(self, exc: OSError) -> str:
-        return f"agent socket {self.socket_path}: {exc.__class__.__name__}: {exc.strerror or exc}"
+    def _failed(self, exc: OSError) -> str:
+        """The drop reason for ``exc``; a missing agent also starts the reconnect interval."""
+        reason = f"agent socket {self.socket_path}: {exc.__class__.__name__}: {exc.strerror or exc}"
+        if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+            self._absent_until = self._monotonic() + self._reconnect_s
+            self._absent_reason = f"{reason} (trying again every {self._reconnect_s:g} s)"
+        return reason
 
     def _write(self, rec: Record) -> None:
         assert self._writer is not None

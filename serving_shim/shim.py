@@ -27,7 +27,7 @@ from phaselens.gpus import find_gpu_spec
 from phaselens.phase import Clock, Phase, Role
 from phaselens.serving_shim.cost import PrefillChunk, StepShape, step_shape
 from phaselens.serving_shim.device import gpu_uuid_for
-from phaselens.serving_shim.emitter import DEFAULT_SOCKET_PATH, PhaseEmitter
+from phaselens.serving_shim.emitter import DEFAULT_SOCKET_PATH, RECONNECT_INTERVAL_S, PhaseEmitter
 from phaselens.serving_shim.timer import DEFAULT_CAPACITY, StepTimer
 from phaselens.trace import GpuInfo, MetaRecord, StepRecord
 
@@ -71,13 +71,15 @@ class PhaseShim:
     ``gpu_uuid`` defaults to :func:`~phaselens.serving_shim.device.gpu_uuid_for` of ``device``;
     ``dtype_bytes`` is the element size of the weights and the KV cache (2 for bf16, 4 for float32);
     ``socket_path=None`` sends nothing (JSONL only). Records say clock ``gpu`` on CUDA, ``host`` elsewhere.
+    ``capacity`` bounds the steps awaiting resolution; ``reconnect_interval_s`` is how long records are
+    dropped unsent after the agent was found missing (:mod:`.emitter`).
     """
 
     def __init__(self, model_config: ModelConfig, gpu_uuid: str | None = None, engine_id: str = "e0",
                  role: Role = Role.COLOCATED, device: torch.device | str = "cpu", dtype_bytes: int = 4,
                  socket_path: str | os.PathLike[str] | None = DEFAULT_SOCKET_PATH,
                  jsonl_path: str | os.PathLike[str] | None = None, enabled: bool = True,
-                 capacity: int = DEFAULT_CAPACITY):
+                 capacity: int = DEFAULT_CAPACITY, reconnect_interval_s: float = RECONNECT_INTERVAL_S):
         if dtype_bytes <= 0:
             raise ValueError(f"dtype_bytes must be > 0, got {dtype_bytes}")
         self.model_config = model_config
@@ -96,7 +98,7 @@ class PhaseShim:
             return
         self.gpu_uuid = gpu_uuid or gpu_uuid_for(self.device)
         self._timer = StepTimer(self.device, capacity=capacity)
-        self._emitter = PhaseEmitter(socket_path, jsonl_path)
+        self._emitter = PhaseEmitter(socket_path, jsonl_path, reconnect_interval_s=reconnect_interval_s)
         self._emitter.write_meta(self._meta())
 
     # ------------------------------------------------------------------ the engine's calls

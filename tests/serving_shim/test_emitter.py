@@ -31,18 +31,33 @@ def test_records_arrive_as_datagrams(listener: Listener) -> None:
     em.close()
 
 
-def test_agent_started_later_is_picked_up(sock_dir: Path) -> None:
+def test_agent_started_later_is_picked_up_after_the_reconnect_interval(sock_dir: Path) -> None:
     path = sock_dir / "late.sock"
-    em = PhaseEmitter(path)
+    now = [10.0]
+    em = PhaseEmitter(path, reconnect_interval_s=1.0, monotonic=lambda: now[0])
     assert not em.emit(_step(0))
     late = Listener(path)
     try:
-        assert em.emit(_step(1))
-        assert [r.step for r in late.wait_for(1)] == [1]
-        assert (em.sent, em.dropped) == (1, 1)
+        now[0] += 0.5
+        assert not em.emit(_step(1))  # within the interval: dropped without trying
+        now[0] += 0.6
+        assert em.emit(_step(2))
+        assert em.emit(_step(3))
+        assert [r.step for r in late.wait_for(2)] == [2, 3]
+        assert (em.sent, em.dropped) == (2, 2)
     finally:
         late.close()
         em.close()
+
+
+def test_missing_agent_costs_no_send_per_record(sock_dir: Path, monkeypatch) -> None:
+    em = PhaseEmitter(sock_dir / "nobody.sock")
+    calls = []
+    monkeypatch.setattr("phaselens.serving_shim.emitter.dumps", lambda rec: calls.append(rec) or "{}")
+    for i in range(100):
+        em.emit(_step(i))
+    assert len(calls) == 1 and em.dropped == 100  # one attempt, then dropped unsent for a second
+    em.close()
 
 
 def test_no_socket_file_drops_and_counts(sock_dir: Path) -> None:

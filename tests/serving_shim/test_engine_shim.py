@@ -16,7 +16,7 @@ from phaselens.engine.llm_engine import EngineConfig, LLMEngine
 from phaselens.engine.sampling_params import SamplingParams
 from phaselens.phase import Clock, Phase, Role
 from phaselens.serving_shim.cost import step_cost
-from phaselens.serving_shim.shim import ShimStats
+from phaselens.serving_shim.shim import PhaseShim, ShimStats
 from phaselens.trace import StepRecord, read_trace
 
 from .conftest import Listener
@@ -169,6 +169,8 @@ def test_no_agent_listening_the_engine_still_runs(sock_dir: Path) -> None:
 def test_agent_starting_mid_run_gets_the_later_steps(sock_dir: Path) -> None:
     path = sock_dir / "late.sock"
     engine = _engine(path, max_num_batched_tokens=16)
+    # The engine's shim, but trying the socket at every step (default: once a second after a miss).
+    engine.shim = PhaseShim(engine.model_config, device="cpu", socket_path=path, reconnect_interval_s=0.0)
     engine.add_request("A", list(range(20)), SamplingParams(max_tokens=6, **GREEDY))
     engine.step()
     engine.step()
