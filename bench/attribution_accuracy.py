@@ -1,0 +1,513 @@
+"""Ground-truth benchmark of per-phase attribution (issue 12): naive vs unmix against measured truth.
+
+On the GPU machine, ``record`` runs a phase-controlled workload on one GPU while a separate process polls
+NVML GPM every 10 ms (and NVML every 100 ms):
+
+- ``prefill`` steps: compute-bound bf16 matmul bursts (8192^3),
+- ``decode`` steps: memory-bound skinny bf16 matmuls (batch 16 against a ~1 GB weight), decode-shaped,
+- ``mixed`` steps: both interleaved, as a chunked-prefill step that carries decodes.
+
+Each step's GPU interval comes from CUDA events read after the fact and mapped to wall clock through a
+reference event (DESIGN.md "Phases and clocks"). Regimes: burst lengths 150-600 ms, 40-150 ms, 10-40 ms,
+and an 8B-shaped regime (~45 ms prefill chunks, ~10 ms decode steps, ~20 ms mixed steps, random idle
+gaps). Long pure runs of each phase (at the start and at the end) give the true per-phase values: the mean
+of the GPM windows that lie wholly inside a pure run.
+
+``evaluate`` (CPU) turns the recordings into trace files, attributes each regime with ``naive`` and
+``unmix`` (phaselens.agent.attribution) and reports, per regime, the largest absolute error over
+{sm_active, tensor_active, dram_active} x {prefill, decode, mixed}. ``run`` does both.
+
+    python3 bench/attribution_accuracy.py record --out $OUT
+    python3 bench/attribution_accuracy.py evaluate --raw DIR [--fixtures tests/fixtures/attribution]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import click
+
+GPM_METRICS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active")
+GPM_IDS = {"sm_active": 2, "sm_occupancy": 3, "tensor_active": 5, "dram_active": 10, "fp16_active": 13}
+
+#: name -> (min_ms, max_ms) of step lengths; "8b" is drawn per phase below.
+REGIMES = {"long": (150.0, 600.0), "medium": (40.0, 150.0), "short": (10.0, 40.0), "8b": (0.0, 0.0)}
+PHASES = ("prefill", "decode", "mixed")
+
+
+# ------------------------------------------------------------------ the poller (its own process: no GIL)
+
+
+def _poller(stop: mp.Event, ready: mp.Event, path: str, gpu_index: int, poll_ms: float) -> None:
+    import pynvml as nv
+
+    nv.nvmlInit()
+    handle = nv.nvmlDeviceGetHandleByIndex(gpu_index)
+    support = nv.nvmlGpmQueryDeviceSupport(handle)
+    with open(path, "w") as fh:
+        fh.write(json.dumps({"k": "info", "gpm_supported": int(support.isSupportedDevice),
+                             "uuid": nv.nvmlDeviceGetUUID(handle), "name": nv.nvmlDeviceGetName(handle),
+                             "poll_ms": poll_ms}) + "\n")
+        samples = [nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()]
+        nv.nvmlGpmSampleGet(handle, samples[0])
+        cur = 0
+        next_t = time.monotonic()
+        next_nvml = next_t
+        last_util_ts = 0
+        next_util = next_t + 1.0
+        ready.set()
+        while not stop.is_set():
+            next_t += poll_ms / 1000.0
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_t = time.monotonic()
+            t0 = time.time_ns()
+            nxt = 1 - cur
+            nv.nvmlGpmSampleGet(handle, samples[nxt])
+            t1 = time.time_ns()
+            mg = nv.c_nvmlGpmMetricsGet_t()
+            mg.version = nv.NVML_GPM_METRICS_GET_VERSION
+            mg.numMetrics = len(GPM_METRICS)
+            mg.sample1 = samples[cur]
+            mg.sample2 = samples[nxt]
+            for i, key in enumerate(GPM_METRICS):
+                mg.metrics[i].metricId = GPM_IDS[key]
+            err = ""
+            try:
+                nv.nvmlGpmMetricsGet(mg)
+            except nv.NVMLError as exc:
+                err = str(exc)
+            vals = [mg.metrics[i].value for i in range(len(GPM_METRICS))]
+            rets = [int(mg.metrics[i].nvmlReturn) for i in range(len(GPM_METRICS))]
+            fh.write(json.dumps({"k": "gpm", "t0": t0, "t1": t1, "v": vals, "r": rets, "e": err}) + "\n")
+            cur = nxt
+            now = time.monotonic()
+            if now >= next_nvml:
+                next_nvml += 0.1
+                t = time.time_ns()
+                rec: dict[str, object] = {"k": "nvml", "t": t}
+                try:
+                    u = nv.nvmlDeviceGetUtilizationRates(handle)
+                    rec["gpu_util"] = u.gpu / 100.0
+                    rec["mem_util"] = u.memory / 100.0
+                    rec["power_w"] = nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
+                    rec["sm_clock_hz"] = nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_SM) * 1e6
+                    rec["mem_used_bytes"] = nv.nvmlDeviceGetMemoryInfo(handle).used
+                except nv.NVMLError as exc:
+                    rec["e"] = str(exc)
+                fh.write(json.dumps(rec) + "\n")
+            if now >= next_util:
+                next_util += 1.0
+                try:
+                    _, buf = nv.nvmlDeviceGetSamples(handle, nv.NVML_GPU_UTILIZATION_SAMPLES, last_util_ts)
+                    pts = [[s.timeStamp, s.sampleValue.uiVal] for s in buf]
+                    if pts:
+                        last_util_ts = max(p[0] for p in pts)
+                    fh.write(json.dumps({"k": "util_samples", "t": time.time_ns(), "s": pts}) + "\n")
+                except nv.NVMLError as exc:
+                    fh.write(json.dumps({"k": "util_samples", "e": str(exc)}) + "\n")
+    nv.nvmlShutdown()
+
+
+# ------------------------------------------------------------------ the workload
+
+
+def _kernel_counts(phase: str, ms: float, cal: dict[str, float]) -> tuple[int, int]:
+    if phase == "prefill":
+        return max(1, round(ms / cal["big"])), 0
+    if phase == "decode":
+        return 0, max(1, round(ms / cal["skinny"]))
+    pairs = max(1, round(ms / (cal["big"] + 3 * cal["skinny"])))
+    return pairs, 3 * pairs
+
+
+class Workload:
+    """Phase-controlled GPU bursts with CUDA-event intervals mapped to wall clock."""
+
+    def __init__(self, device: str = "cuda:0", seed: int = 0):
+        import torch
+
+        self.torch = torch
+        self.dev = torch.device(device)
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+        n = 8192
+        self.a = torch.randn(n, n, device=self.dev, dtype=torch.bfloat16, generator=g)
+        self.b = torch.randn(n, n, device=self.dev, dtype=torch.bfloat16, generator=g)
+        self.c = torch.empty(n, n, device=self.dev, dtype=torch.bfloat16)
+        # decode-shaped: batch-16 activations against a 8192 x 57344 bf16 weight (0.94 GB, far beyond L2)
+        self.w = torch.randn(57344, 8192, device=self.dev, dtype=torch.bfloat16, generator=g)
+        self.x = torch.randn(16, 8192, device=self.dev, dtype=torch.bfloat16, generator=g)
+        self.y = torch.empty(16, 57344, device=self.dev, dtype=torch.bfloat16)
+        self.ms = {"big": 1.0, "skinny": 1.0}
+        self.ref = None
+        self.ref_ns = 0
+
+    def big(self) -> None:
+        self.torch.matmul(self.a, self.b, out=self.c)
+
+    def skinny(self) -> None:
+        self.torch.matmul(self.x, self.w.t(), out=self.y)
+
+    def calibrate(self) -> dict[str, float]:
+        torch = self.torch
+        for name, fn in (("big", self.big), ("skinny", self.skinny)):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(50):
+                fn()
+            e.record()
+            e.synchronize()
+            self.ms[name] = s.elapsed_time(e) / 50
+        return dict(self.ms)
+
+    def set_reference(self) -> None:
+        torch = self.torch
+        torch.cuda.synchronize()
+        self.ref = torch.cuda.Event(enable_timing=True)
+        t0 = time.time_ns()
+        self.ref.record()
+        self.ref.synchronize()
+        t1 = time.time_ns()
+        self.ref_ns = (t0 + t1) // 2
+
+    def wall_ns(self, ev) -> int:
+        return self.ref_ns + int(round(self.ref.elapsed_time(ev) * 1e6))
+
+    def launch(self, phase: str, ms: float) -> tuple[int, int]:
+        """Enqueue one step of ``phase`` lasting about ``ms``; returns (big matmuls, skinny matmuls)."""
+        n_big, n_skinny = _kernel_counts(phase, ms, self.ms)
+        if phase == "mixed":  # a chunk of prefill matmuls carrying decode GEMVs, ~60/40 by time
+            for _ in range(n_big):
+                self.big()
+                for _ in range(3):
+                    self.skinny()
+            return n_big, n_skinny
+        for _ in range(n_big):
+            self.big()
+        for _ in range(n_skinny):
+            self.skinny()
+        return n_big, n_skinny
+
+    def run_steps(self, plan: list[tuple[str, float, float]], label: str) -> list[dict]:
+        """plan: (phase, step_ms, idle_gap_ms_before). Returns step dicts with wall-clock ns."""
+        torch = self.torch
+        pending: list[tuple[str, object, object, float, tuple[int, int]]] = []
+        for phase, ms, gap_ms in plan:
+            if gap_ms > 0:
+                if pending:
+                    pending[-1][2].synchronize()
+                time.sleep(gap_ms / 1000.0)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            counts = self.launch(phase, ms)
+            e.record()
+            pending.append((phase, s, e, ms, counts))
+            if len(pending) >= 4:
+                pending[-4][2].synchronize()  # keep the host at most a few steps ahead
+        torch.cuda.synchronize()
+        return [{"regime": label, "phase": p, "t0_ns": self.wall_ns(s), "t1_ns": self.wall_ns(e), "target_ms": ms,
+                 "big": c[0], "skinny": c[1]} for p, s, e, ms, c in pending]
+
+
+def make_plan(regime: str, seconds: float, rng: random.Random) -> list[tuple[str, float, float]]:
+    plan: list[tuple[str, float, float]] = []
+    total = 0.0
+    if regime == "8b":
+        # engine-like: runs of decode steps, broken by a prefill chunk or a mixed step; random idle gaps
+        while total < seconds * 1000:
+            for _ in range(rng.randint(2, 25)):
+                ms = rng.uniform(8.0, 12.0)
+                gap = rng.uniform(5.0, 150.0) if rng.random() < 0.04 else 0.0
+                plan.append(("decode", ms, gap))
+                total += ms + gap
+            kind = rng.choice(("prefill", "mixed", "mixed"))
+            for _ in range(rng.randint(1, 4)):
+                ms = rng.uniform(40.0, 50.0) if kind == "prefill" else rng.uniform(17.0, 23.0)
+                gap = rng.uniform(5.0, 150.0) if rng.random() < 0.05 else 0.0
+                plan.append((kind, ms, gap))
+                total += ms + gap
+        return plan
+    lo, hi = REGIMES[regime]
+    while total < seconds * 1000:
+        ms = rng.uniform(lo, hi)
+        gap = rng.uniform(lo / 2, hi) if rng.random() < 0.12 else 0.0
+        plan.append((rng.choice(PHASES), ms, gap))
+        total += ms + gap
+    return plan
+
+
+def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int) -> None:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_poller, args=(stop, ready, str(out / "raw_poll.jsonl"), 0, poll_ms), daemon=True)
+    proc.start()
+    wl = Workload()
+    cal = wl.calibrate()
+    print(f"calibration: big matmul {cal['big']:.3f} ms ({2 * 8192**3 / cal['big'] / 1e9:.0f} TFLOP/s), "
+          f"skinny {cal['skinny']:.3f} ms ({57344 * 8192 * 2 / cal['skinny'] / 1e9:.0f} GB/s)", flush=True)
+    if not ready.wait(30):
+        raise SystemExit("poller did not start")
+    wl.set_reference()
+    rng = random.Random(seed)
+    steps: list[dict] = []
+    spans: list[dict] = []
+
+    def pure(tag: str) -> None:
+        for phase in PHASES:
+            t = time.time_ns()
+            steps.extend(wl.run_steps([(phase, 100.0, 0.0)] * int(pure_s * 10), f"pure_{tag}"))
+            spans.append({"kind": "pure", "phase": phase, "start_ns": t, "end_ns": time.time_ns()})
+        t = time.time_ns()
+        time.sleep(pure_s / 2)
+        spans.append({"kind": "pure", "phase": "idle", "start_ns": t, "end_ns": time.time_ns()})
+
+    pure("a")
+    for regime in REGIMES:
+        time.sleep(0.5)
+        t = time.time_ns()
+        steps.extend(wl.run_steps(make_plan(regime, regime_s, rng), regime))
+        spans.append({"kind": "regime", "regime": regime, "start_ns": t, "end_ns": time.time_ns()})
+        print(f"regime {regime}: done", flush=True)
+    time.sleep(0.5)
+    pure("b")
+    # the reference again: how far the GPU clock drifted from the host clock over the run
+    old_ref, old_ns = wl.ref, wl.ref_ns
+    wl.set_reference()
+    drift_ns = wl.ref_ns - (old_ns + int(old_ref.elapsed_time(wl.ref) * 1e6))
+    stop.set()
+    proc.join(10)
+    meta = {"host": socket.gethostname(), "gpu": torch.cuda.get_device_name(0), "calibration_ms": cal,
+            "clock_drift_ns": drift_ns, "ref1_ns": old_ns, "ref2_ns": wl.ref_ns, "poll_ms": poll_ms, "regime_s": regime_s, "pure_s": pure_s,
+            "spans": spans}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    with open(out / "steps.jsonl", "w") as fh:
+        for s in steps:
+            fh.write(json.dumps(s) + "\n")
+    print(f"recorded {len(steps)} steps; clock drift over the run {drift_ns / 1e3:.1f} us", flush=True)
+    _summarize_raw(out / "raw_poll.jsonl")
+
+
+def _summarize_raw(path: Path) -> None:
+    from collections import Counter
+
+    polls = [json.loads(line) for line in open(path)]
+    gpm = [p for p in polls if p["k"] == "gpm"]
+    rets = Counter(tuple(p["r"]) for p in gpm)
+    errs = Counter(p["e"] for p in gpm)
+    zeros = sum(1 for p in gpm if all(v == 0 for v in p["v"]))
+    dts = sorted((b["t0"] - a["t0"]) / 1e6 for a, b in zip(gpm, gpm[1:]))
+    print(f"gpm polls {len(gpm)}; returns {dict(rets)}; errors {dict(errs)}; all-zero {zeros}; "
+          f"poll interval median {dts[len(dts) // 2]:.2f} ms p99 {dts[int(len(dts) * 0.99)]:.2f} ms")
+    for p in gpm[300:340]:
+        print(p["t0"] % 10**10 // 10**6, [round(v, 2) for v in p["v"]], p["r"], p["e"])
+
+
+# ------------------------------------------------------------------ raw recordings -> trace files + truth
+
+BIG_FLOPS = 2 * 8192**3
+BIG_BYTES = 3 * 8192 * 8192 * 2
+SKINNY_FLOPS = 2 * 16 * 8192 * 57344
+SKINNY_BYTES = 57344 * 8192 * 2 + 16 * (8192 + 57344) * 2
+TRUTH_KEYS = ("sm_active", "tensor_active", "dram_active")
+
+
+def load_raw(raw: Path) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    """(meta, steps with drift-corrected wall-clock ns, gpm polls, nvml polls) of a ``record`` folder."""
+    meta = json.loads((raw / "meta.json").read_text())
+    ref1 = meta.get("ref1_ns", meta["spans"][0]["start_ns"])
+    ref2 = meta.get("ref2_ns", meta["spans"][-1]["end_ns"])
+    drift = meta["clock_drift_ns"]
+
+    def corr(t: int) -> int:
+        # GPU and host clocks drift apart (~15 ppm on the H100 machine): interpolate between the references
+        return int(t + drift * (t - ref1) / (ref2 - ref1))
+
+    steps = [json.loads(line) for line in open(raw / "steps.jsonl")]
+    for st in steps:
+        st["t0_ns"], st["t1_ns"] = corr(st["t0_ns"]), corr(st["t1_ns"])
+        if "big" not in st:  # recordings made before the counts were stored
+            st["big"], st["skinny"] = _kernel_counts(st["phase"], st["target_ms"], meta["calibration_ms"])
+    gpm, nvml, info = [], [], {}
+    for line in open(raw / "raw_poll.jsonl"):
+        rec = json.loads(line)
+        if rec["k"] == "gpm":
+            gpm.append(rec)
+        elif rec["k"] == "nvml" and "e" not in rec:
+            nvml.append(rec)
+        elif rec["k"] == "info":
+            info = rec
+    meta["info"] = info
+    return meta, steps, gpm, nvml
+
+
+def gpm_values(rec: dict) -> dict[str, float | None]:
+    """One poll's values as ratios; all None where the hardware had not refreshed (DRAM reads NaN: 0/0)."""
+    vals = rec["v"]
+    dram = vals[GPM_METRICS.index("dram_active")]
+    if dram is None or (isinstance(dram, float) and math.isnan(dram)) or any(r != 0 for r in rec["r"]):
+        return {k: None for k in GPM_METRICS}
+    return {k: max(0.0, min(1.0, v / 100.0)) for k, v in zip(GPM_METRICS, vals)}
+
+
+def truth_from_pure(meta: dict, gpm: list[dict]) -> dict[str, dict[str, float]]:
+    """Per phase: mean of the GPM windows seen at least 0.5 s into a pure run and before its end."""
+    acc: dict[str, list[dict[str, float]]] = {}
+    for span in meta["spans"]:
+        if span["kind"] != "pure":
+            continue
+        for rec in gpm:
+            t = (rec["t0"] + rec["t1"]) // 2
+            if span["start_ns"] + 500_000_000 < t < span["end_ns"]:
+                v = gpm_values(rec)
+                if v["sm_active"] is not None:
+                    acc.setdefault(span["phase"], []).append(v)
+    return {ph: {k: sum(v[k] for v in rows) / len(rows) for k in GPM_METRICS} for ph, rows in acc.items()}
+
+
+def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates_only: bool = False,
+                 with_nvml: bool = True) -> dict[str, Path]:
+    """One trace file per regime under ``dest`` plus ``truth.json``; returns regime -> path."""
+    from phaselens.gpus import find_gpu_spec
+    from phaselens.phase import Clock, Phase, Role
+    from phaselens.trace import GpuInfo, MetaRecord, SampleRecord, StepRecord, TraceWriter
+
+    meta, steps, gpm, nvml = load_raw(raw)
+    info = meta["info"]
+    uuid, name = info.get("uuid", "GPU-bench"), info.get("name", meta["gpu"])
+    spec = find_gpu_spec(name)
+    gpu = GpuInfo(uuid=uuid, index=0, name=name, peak_bf16_flops=spec.peak_bf16_flops if spec else None,
+                  peak_dram_bytes_per_s=spec.peak_dram_bytes_per_s if spec else None)
+    dest.mkdir(parents=True, exist_ok=True)
+    truth = truth_from_pure(meta, gpm)
+    (dest / "truth.json").write_text(json.dumps({"gpu": name, "uuid": uuid, "truth": truth}, indent=1) + "\n")
+    paths = {}
+    for span in meta["spans"]:
+        if span["kind"] != "regime":
+            continue
+        regime = span["regime"]
+        t_lo = span["start_ns"]
+        t_hi = span["end_ns"] if seconds is None else min(span["end_ns"], t_lo + int(seconds * 1e9))
+        path = dest / f"regime_{regime}.jsonl"
+        path.unlink(missing_ok=True)
+        with TraceWriter(path) as w:
+            w.write(MetaRecord(host=meta["host"], gpus=(gpu,)))
+            for i, st in enumerate(s for s in steps if s["regime"] == regime and t_lo <= s["t0_ns"] < t_hi):
+                ph = Phase.parse(st["phase"])
+                w.write(StepRecord(
+                    gpu_uuid=uuid, engine_id="bench", role=Role.COLOCATED, phase=ph, step=i,
+                    t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], clock=Clock.GPU,
+                    prefill_tokens=8192 * st["big"], decode_tokens=16 * (st["skinny"] > 0),
+                    batch=16 if st["skinny"] else 1, context_tokens=0,
+                    flops=float(st["big"] * BIG_FLOPS + st["skinny"] * SKINNY_FLOPS),
+                    bytes=float(st["big"] * BIG_BYTES + st["skinny"] * SKINNY_BYTES)))
+            for rec in gpm:
+                t = (rec["t0"] + rec["t1"]) // 2
+                if not t_lo <= t < t_hi:
+                    continue
+                vals = gpm_values(rec)
+                if updates_only and vals["sm_active"] is None:
+                    continue
+                w.write(SampleRecord(gpu_uuid=uuid, source="gpm", t_ns=t, values=vals))
+            for rec in nvml if with_nvml else []:
+                if t_lo <= rec["t"] < t_hi:
+                    w.write(SampleRecord(gpu_uuid=uuid, source="nvml", t_ns=rec["t"], values={
+                        k: rec[k] for k in ("gpu_util", "mem_util", "power_w", "sm_clock_hz", "mem_used_bytes")}))
+        paths[regime] = path
+    return paths
+
+
+def evaluate(traces: dict[str, Path], truth: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Per regime and method: largest absolute error over TRUTH_KEYS x the phases that ran."""
+    from phaselens.agent.attribution import AttributionConfig, Attributor
+    from phaselens.agent.state import GpuIdentity
+    from phaselens.phase import Phase
+    from phaselens.trace import read_trace
+
+    out: dict[str, dict] = {}
+    for regime, path in traces.items():
+        tr = read_trace(path)
+        uuid = tr.gpu_uuids()[0]
+        ident = GpuIdentity(uuid=uuid, index=0, name=tr.meta.gpus[0].name if tr.meta else "")
+        out[regime] = {}
+        for method in ("naive", "unmix"):
+            res = Attributor(AttributionConfig(method=method, horizon_s=3600)).attribute(ident, tr.steps, tr.samples)
+            worst, detail = 0.0, {}
+            ran = {st.phase for st in tr.steps}
+            for phase in Phase.busy():
+                if phase not in ran:
+                    continue
+                pv = res.phases.get(phase)
+                for key in TRUTH_KEYS:
+                    est = pv.values.get(key) if pv else None
+                    err = 1.0 if est is None else abs(est - truth[phase.value][key])
+                    detail[f"{phase.value}.{key}"] = round(err, 4)
+                    worst = max(worst, err)
+            out[regime][method] = {"max_abs_error": worst, "errors": detail,
+                                   "offset_ms": None if res.alignment_offset_s is None
+                                   else res.alignment_offset_s * 1e3, "windows": res.windows}
+    return out
+
+
+def print_table(results: dict[str, dict]) -> str:
+    lines = [f"{'regime':<8} {'naive max|err|':>15} {'unmix max|err|':>15} {'windows':>8}  worst unmix term"]
+    for regime, r in results.items():
+        worst = max(r["unmix"]["errors"].items(), key=lambda kv: kv[1])
+        lines.append(f"{regime:<8} {r['naive']['max_abs_error']:>15.3f} {r['unmix']['max_abs_error']:>15.3f} "
+                     f"{r['unmix']['windows']:>8}  {worst[0]}={worst[1]:.3f}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+@click.group()
+def main() -> None:
+    """Ground-truth attribution benchmark."""
+
+
+@main.command("record")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--regime-s", type=float, default=45.0, show_default=True)
+@click.option("--pure-s", type=float, default=6.0, show_default=True)
+@click.option("--poll-ms", type=float, default=10.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int) -> None:
+    """Run the workload on the GPU and write raw recordings to OUT."""
+    record(out, regime_s, pure_s, poll_ms, seed)
+
+
+@main.command("evaluate")
+@click.option("--raw", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
+@click.option("--traces", type=click.Path(path_type=Path), default=None, help="Write full traces here.")
+@click.option("--fixtures", type=click.Path(path_type=Path), default=None,
+              help="Also write small fixtures (updates only, first --fixture-s seconds) here.")
+@click.option("--fixture-s", type=float, default=30.0, show_default=True)
+def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_s: float) -> None:
+    """Turn raw recordings into traces and report naive vs unmix error per regime."""
+    import tempfile
+
+    dest = traces or Path(tempfile.mkdtemp(prefix="phaselens-gt-"))
+    paths = write_traces(raw, dest)
+    truth = json.loads((dest / "truth.json").read_text())["truth"]
+    if fixtures:
+        write_traces(raw, fixtures, seconds=fixture_s, updates_only=True, with_nvml=False)
+    print_table(evaluate(paths, truth))
+
+
+if __name__ == "__main__":
+    main()
