@@ -1,0 +1,172 @@
+"""``phaselens advise``: should I split prefill and decode? Strict about its inputs; every bad value is named."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+log = logging.getLogger(__name__)
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    try:
+        return float(text[:-1]) * _DURATION_UNITS[text[-1]] if text and text[-1] in _DURATION_UNITS else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 3600", param_hint="--prometheus-range")
+
+
+@click.command("advise")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Step records (JSONL trace, or the engine's --shim-jsonl file) to fit the step-time model.")
+@click.option("--request-log", type=click.Path(dir_okay=False), default=None,
+              help="The engine's request log (phaselens serve --request-log): the workload.")
+@click.option("--workload", "workload_spec", default=None,
+              help="A workload spec instead: rate=4,prompt=lognormal:800:0.8,output=fixed:200[,burstiness=1,"
+                   "prefix_hit=0.2,multi_turn=0.3].")
+@click.option("--prometheus", "prom_url", default=None, help="Prometheus base URL to read the workload from.")
+@click.option("--prometheus-range", default="1h", show_default=True, help="How far back from now to query.")
+@click.option("--rate", type=float, default=None, help="Target request rate (req/s); default: the workload's own.")
+@click.option("--preset", default=None, help="Model shape preset (tiny, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b).")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None,
+              help="A Hugging Face config.json for the model shape instead of --preset.")
+@click.option("--gpu", "gpu_name", default=None,
+              help="GPU model (NVML name, e.g. 'NVIDIA H100 80GB HBM3'); default: the trace's meta record.")
+@click.option("--gpus", type=int, required=True, help="GPUs available for the deployment.")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True)
+@click.option("--tp", "tp_degrees", type=int, multiple=True, help="TP degrees to consider (repeat); default powers of 2.")
+@click.option("--measured-tp", type=int, default=1, show_default=True, help="TP degree of the traced engine.")
+@click.option("--kv-link-gbps", type=float, default=400.0, show_default=True,
+              help="Network bandwidth per GPU between the pools (Gb/s).")
+@click.option("--price", "price_per_gpu_hour", type=float, default=2.0, show_default=True, help="$ per GPU-hour.")
+@click.option("--ttft-ms", type=float, required=True, help="TTFT target (ms).")
+@click.option("--tpot-ms", type=float, required=True, help="TPOT target (ms).")
+@click.option("--ttft-pct", type=float, default=90.0, show_default=True, help="TTFT percentile the target applies to.")
+@click.option("--tpot-pct", type=float, default=90.0, show_default=True, help="TPOT percentile the target applies to.")
+@click.option("--attainment", type=float, default=None, help="Joint SLO attainment required (0..1), optional.")
+@click.option("--seeds", type=click.IntRange(1, 16), default=2, show_default=True, help="Simulation seeds.")
+@click.option("--requests", "n_requests", type=click.IntRange(100, 100000), default=1000, show_default=True,
+              help="Requests per simulation run.")
+@click.option("--no-simulate", is_flag=True, help="Closed-form screen only (fast; less exact).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="Where to write the HTML report ('' for none).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the phaselens_advisor_* metrics here in the Prometheus text format.")
+@click.option("--apply", is_flag=True, help="Switch the running engine to the recommended mode (not yet).")
+def advise(trace_path: str | None, request_log: str | None, workload_spec: str | None, prom_url: str | None,
+           prometheus_range: str, rate: float | None, preset: str | None, model_config: str | None,
+           gpu_name: str | None, gpus: int, gpus_per_node: int, tp_degrees: tuple[int, ...], measured_tp: int,
+           kv_link_gbps: float, price_per_gpu_hour: float, ttft_ms: float, tpot_ms: float, ttft_pct: float,
+           tpot_pct: float, attainment: float | None, seeds: int, n_requests: int, no_simulate: bool,
+           as_json: bool, html_path: str, metrics_file: str | None, apply: bool) -> None:
+    """Should prefill and decode run on separate GPU pools? Fits the step model to your steps, screens every
+    split and colocated configuration, simulates the best, and says whether splitting pays, with numbers."""
+    from phaselens.advisor import report
+    from phaselens.advisor.inputs import Cluster, InputError, Slo
+    from phaselens.advisor.search import Search
+    from phaselens.advisor.step_model import NotEnoughStepsError, StepModel
+    from phaselens.advisor.workload import Workload, WorkloadError
+    from phaselens.engine.config import ModelConfig, preset as get_preset
+    from phaselens.gpus import UnknownGpuError, gpu_spec
+    from phaselens.trace import read_trace
+
+    if apply:
+        raise click.UsageError("--apply is not available yet: switching the engine's mode comes with split-pool mode "
+                               "(issue 6); run without --apply and use the report")
+    if gpus < 1:
+        raise click.BadParameter(f"{gpus} (need at least 1 GPU)", param_hint="--gpus")
+    if gpus_per_node < 1:
+        raise click.BadParameter(f"{gpus_per_node} (need at least 1)", param_hint="--gpus-per-node")
+    if rate is not None and not rate > 0:
+        raise click.BadParameter(f"{rate} (requests per second must be > 0)", param_hint="--rate")
+    if measured_tp < 1:
+        raise click.BadParameter(f"{measured_tp} (must be >= 1)", param_hint="--measured-tp")
+    sources = [s for s in (request_log, workload_spec, prom_url) if s]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one workload source: --request-log, --workload or --prometheus")
+
+    # model shape
+    if (preset is None) == (model_config is None):
+        raise click.UsageError("give the model shape with exactly one of --preset or --model-config")
+    try:
+        model = get_preset(preset) if preset else ModelConfig.from_hf_config(model_config)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset" if preset else "--model-config") from None
+
+    # steps
+    trace = None
+    if trace_path is not None:
+        if not Path(trace_path).is_file():
+            raise click.BadParameter(f"{trace_path!r} does not exist", param_hint="--trace")
+        trace = read_trace(trace_path)
+        if trace.malformed:
+            log.warning("%s: %d malformed lines skipped", trace_path, trace.malformed)
+    if gpu_name is None and trace is not None and trace.meta is not None and trace.meta.gpus:
+        gpu_name = trace.meta.gpus[0].name
+    if gpu_name is None:
+        raise click.UsageError("give the GPU model with --gpu (the trace has no meta record naming it)")
+    try:
+        gpu = gpu_spec(gpu_name)
+    except UnknownGpuError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpu") from None
+
+    try:
+        slo = Slo(ttft_ms / 1e3, tpot_ms / 1e3, ttft_pct, tpot_pct, attainment)
+        cluster = Cluster(gpus=gpus, gpu=gpu, model=model, gpus_per_node=gpus_per_node, kv_link_gbps=kv_link_gbps,
+                          price_per_gpu_hour=price_per_gpu_hour, tp_degrees=tuple(tp_degrees))
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    try:
+        if trace is not None:
+            step_model = StepModel.fit(trace.steps, model=model, tp=measured_tp, source=str(trace_path))
+            clocks = {s.clock.value for s in trace.steps}
+            if "host" in clocks:
+                step_model = _flag(step_model, "steps timed on the host clock (CPU engine): GPU timings will differ")
+        else:
+            step_model = StepModel.roofline(model, gpu, cluster.candidate_tp())
+    except NotEnoughStepsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trace") from None
+
+    try:
+        if request_log:
+            workload = Workload.from_request_log(request_log, rate=rate)
+        elif workload_spec:
+            workload = Workload.from_spec(workload_spec)
+        else:
+            end = time.time()
+            workload = Workload.from_prometheus(prom_url, end - _duration_s(prometheus_range), end)  # type: ignore[arg-type]
+        if rate is not None:
+            workload = workload.with_rate(rate)
+    except WorkloadError as exc:
+        hint = "--request-log" if request_log else "--workload" if workload_spec else "--prometheus"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+    try:
+        advice = Search(step_model, workload, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests,
+                        simulate=not no_simulate).run()
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    if as_json:
+        click.echo(report.to_json(advice))
+    else:
+        report.render_terminal(advice)
+    if html_path:
+        out = report.write_html(advice, html_path, trace.steps if trace else ())
+        click.echo(f"wrote {out}", err=as_json)
+    if metrics_file:
+        Path(metrics_file).write_text(report.metrics_text(advice), encoding="utf-8")
+    sys.stdout.flush()
+
+
+def _flag(model, text):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    return replace(model, flags=model.flags + (text,))

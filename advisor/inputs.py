@@ -1,0 +1,101 @@
+"""The advisor's inputs besides steps and workload: latency targets (SLOs) and the cluster.
+
+Validated at construction: a bad value raises :class:`InputError` naming it, which ``phaselens advise``
+turns into a usage error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from phaselens.engine.config import ModelConfig
+from phaselens.gpus import GpuSpec
+
+
+class InputError(ValueError):
+    """A bad advisor input; the message names the value."""
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency targets: the ``ttft_pct`` percentile of TTFT under ``ttft_s`` and likewise for TPOT.
+
+    TPOT of a request is ``(finish - first token) / (output tokens - 1)`` (DistServe's definition);
+    ``attainment`` is the share of requests that must meet *both* targets in the simulator (joint).
+    """
+
+    ttft_s: float
+    tpot_s: float
+    ttft_pct: float = 90.0
+    tpot_pct: float = 90.0
+    attainment: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise InputError(f"SLO {name.replace('_s', '')} must be a positive number of seconds, got {v!r}")
+        for name in ("ttft_pct", "tpot_pct"):
+            v = getattr(self, name)
+            if not (0 < v <= 100):
+                raise InputError(f"SLO percentile {name.replace('_pct', '')} must be in (0, 100], got {v!r}")
+        if self.attainment is not None and not (0 < self.attainment <= 1):
+            raise InputError(f"SLO attainment must be in (0, 1], got {self.attainment!r}")
+        if self.tpot_s > 100 * self.ttft_s:
+            # A token budget a hundred times the wait for the first token is almost surely a unit mix-up
+            # (ms given as s); refuse rather than plan for it.
+            raise InputError(f"inconsistent SLOs: TPOT {self.tpot_s} s is over 100x TTFT {self.ttft_s} s; "
+                             "are the units mixed (seconds expected)?")
+
+    def describe(self) -> str:
+        return (f"P{self.ttft_pct:g} TTFT <= {self.ttft_s * 1e3:g} ms, P{self.tpot_pct:g} TPOT <= "
+                f"{self.tpot_s * 1e3:g} ms" + (f", joint attainment >= {self.attainment:.0%}"
+                                                 if self.attainment else ""))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the operator has: GPUs, their kind, node size, the KV link, and the price of a GPU-hour."""
+
+    gpus: int
+    gpu: GpuSpec
+    model: ModelConfig
+    gpus_per_node: int = 8
+    #: per-GPU network bandwidth between pools, Gb/s (400 = one NDR InfiniBand port per GPU)
+    kv_link_gbps: float = 400.0
+    #: whether KV transfer overlaps the prefill layer by layer (only the last layer's share is exposed)
+    kv_overlap: bool = False
+    price_per_gpu_hour: float = 2.0
+    dtype_bytes: int = 2
+    memory_utilization: float = 0.9
+    #: KV admission high watermark of decode workers (share of KV capacity)
+    kv_high_watermark: float = 0.9
+    tp_degrees: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gpus, int) or self.gpus < 1:
+            raise InputError(f"GPU count must be a positive integer, got {self.gpus!r}")
+        if self.gpus_per_node < 1:
+            raise InputError(f"GPUs per node must be >= 1, got {self.gpus_per_node!r}")
+        if not (self.kv_link_gbps > 0 and math.isfinite(self.kv_link_gbps)):
+            raise InputError(f"KV link bandwidth must be > 0 Gb/s, got {self.kv_link_gbps!r}")
+        if self.price_per_gpu_hour < 0:
+            raise InputError(f"price per GPU-hour must be >= 0, got {self.price_per_gpu_hour!r}")
+        for tp in self.tp_degrees:
+            if tp < 1 or tp > self.gpus_per_node:
+                raise InputError(f"TP degree {tp} must be between 1 and the GPUs per node ({self.gpus_per_node})")
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        return self.kv_link_gbps * 1e9 / 8.0
+
+    def candidate_tp(self) -> tuple[int, ...]:
+        """TP degrees to consider: the given ones, else powers of two within a node and the cluster."""
+        if self.tp_degrees:
+            return tuple(sorted(set(self.tp_degrees)))
+        out, tp = [], 1
+        while tp <= min(self.gpus_per_node, self.gpus):
+            out.append(tp)
+            tp *= 2
+        return tuple(out)

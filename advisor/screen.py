@@ -1,0 +1,433 @@
+"""Closed-form screen: goodput of every split, every colocated chunk budget and every conditional threshold.
+
+Per instance shape the screen finds, by bisection on the request rate, the highest rate one instance
+serves within the SLO percentiles ("instance goodput"); a pool of ``n`` instances behind least-loaded
+routing serves ``n`` times that (Poisson streams split evenly). Placements are then enumerated over the
+cluster's GPUs in integer instance counts.
+
+Models, per instance (one TP group):
+
+* prefill instance: an M/G/1 queue (FCFS, one prompt at a time) with service ``prefill_time(l)``;
+  Pollaczek-Khinchine mean wait ``lambda E[S^2] / (2 (1 - rho))`` and the usual tail form (wait is 0 with
+  probability ``1 - rho``, else exponential with mean ``E[W]/rho``); TTFT = wait + service.
+* decode instance: continuous batching; Little's law gives the running batch ``N = lambda E[o-1] T`` at the
+  step time ``T = decode_time(N, N * mean context)`` (fixed point); KV must hold ``N`` contexts under the
+  high watermark. The KV of each request arrives over the instance's link (an M/G/1 queue of transfers)
+  and delays its second token: TPOT = T + (link wait + transfer) / (o - 1).
+* colocated instance with chunk budget ``C``: decodes first, prefill chunks fill ``C - N`` tokens per step.
+  Prefill work ``w(l)`` per request stretches every step: ``T = d(N) / (1 - lambda E[w])``; a request's TPOT
+  carries the prefill work that arrived during its life (compound Poisson, normal approximation); its TTFT
+  is an M/G/1 wait plus ``ceil(l / (C - N))`` steps.
+* conditional: prompts longer than a threshold are prefilled in a prefill pool and their KV sent to the
+  colocated pool, which prefills the short ones itself.
+
+Tail quantiles are taken over the workload's empirical requests with common random numbers (fixed seed),
+so the screen is deterministic and monotone in the rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from phaselens.advisor.inputs import Cluster, Slo
+from phaselens.advisor.step_model import StepCoefficients, StepModel, fits_in_memory, kv_capacity_tokens
+from phaselens.advisor.workload import Workload
+
+#: Colocated chunk budgets screened (tokens per step); ``0`` means no chunking (whole prompts).
+CHUNK_BUDGETS = (512, 1024, 2048, 4096, 8192, 0)
+#: Conditional-disaggregation thresholds: these quantiles of the effective prompt length.
+THRESHOLD_QUANTILES = (0.5, 0.75, 0.9)
+SCREEN_SAMPLES = 1000
+_BISECT_ITERS = 28
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One way to use the GPUs."""
+
+    kind: str  # "colocated" | "split" | "conditional"
+    n_p: int = 0
+    tp_p: int = 0
+    #: decode pool (split) or colocated pool (colocated, conditional)
+    n_d: int = 0
+    tp_d: int = 0
+    chunk: int | None = None
+    threshold: int | None = None
+
+    @property
+    def gpus(self) -> int:
+        return self.n_p * self.tp_p + self.n_d * self.tp_d
+
+    @property
+    def label(self) -> str:
+        chunk = "" if self.chunk is None else (" no-chunk" if self.chunk == 0 else f" chunk {self.chunk}")
+        if self.kind == "colocated":
+            return f"colocated {self.n_d}xTP{self.tp_d}{chunk}"
+        if self.kind == "split":
+            return f"split P {self.n_p}xTP{self.tp_p} : D {self.n_d}xTP{self.tp_d}"
+        return f"conditional >{self.threshold} tok: P {self.n_p}xTP{self.tp_p} : C {self.n_d}xTP{self.tp_d}{chunk}"
+
+    def pools(self) -> dict[str, int]:
+        """GPUs per pool (for the ``phaselens_advisor_recommended_gpus`` metric)."""
+        if self.kind == "colocated":
+            return {"colocated": self.gpus}
+        if self.kind == "split":
+            return {"prefill": self.n_p * self.tp_p, "decode": self.n_d * self.tp_d}
+        return {"prefill": self.n_p * self.tp_p, "colocated": self.n_d * self.tp_d}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "label": self.label, "gpus": self.gpus, "prefill_instances": self.n_p,
+                "prefill_tp": self.tp_p, "decode_instances": self.n_d, "decode_tp": self.tp_d,
+                "chunk_budget": self.chunk, "threshold_tokens": self.threshold}
+
+
+@dataclass
+class Candidate:
+    """A placement with its closed-form goodput."""
+
+    placement: Placement
+    goodput: float
+    #: goodput per GPU of this placement's GPUs
+    per_gpu: float
+    #: per GPU with fractional instance counts (no integer rounding): the shape's best ratio
+    ideal_per_gpu: float
+    #: what binds first at the goodput: "prefill TTFT", "decode TPOT", "KV memory", "KV link", ...
+    limit: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.placement.to_dict(), "goodput_rps": self.goodput, "goodput_per_gpu": self.per_gpu,
+                "ideal_per_gpu": self.ideal_per_gpu, "limit": self.limit, "details": self.details}
+
+
+@dataclass
+class InstanceFit:
+    """Goodput of one instance shape in req/s of the whole stream routed to it, and what binds."""
+
+    goodput: float
+    limit: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def pk_mean_wait(rate: float, s_mean: float, s2_mean: float) -> float:
+    """Pollaczek-Khinchine mean wait of an M/G/1 queue (inf at or above saturation)."""
+    rho = rate * s_mean
+    return math.inf if rho >= 1 else rate * s2_mean / (2.0 * (1.0 - rho))
+
+
+class Screen:
+    """Closed-form evaluation of instance shapes and placements for one workload, SLO and cluster."""
+
+    def __init__(self, model: StepModel, workload: Workload, slo: Slo, cluster: Cluster, *,
+                 samples: int = SCREEN_SAMPLES, seed: int = 0):
+        self.model = model
+        self.workload = workload
+        self.slo = slo
+        self.cluster = cluster
+        rng = np.random.default_rng(seed)
+        n = min(samples, workload.n) if workload.n >= samples else samples
+        idx = rng.integers(0, workload.n, size=n) if workload.n != n else np.arange(n)
+        self.prompt = workload.prompt_tokens[idx].astype(float)
+        self.out = workload.output_tokens[idx].astype(float)
+        self.l_split = workload.effective_prompt(True)[idx].astype(float)
+        self.l_colo = workload.effective_prompt(False)[idx].astype(float)
+        self.c_split = self.prompt - self.l_split
+        self.c_colo = self.prompt - self.l_colo
+        self.steps = np.maximum(self.out - 1.0, 0.0)  # decode steps after the first token
+        self.kv_bytes = self.prompt * cluster.model.kv_bytes_per_token(cluster.dtype_bytes)
+        # common random numbers for the tail estimates
+        self.u = rng.random(n)
+        self.e = rng.exponential(1.0, n)
+        self.u2 = rng.random(n)
+        self.e2 = rng.exponential(1.0, n)
+        self.z = rng.standard_normal(n)
+        self.q_ttft = slo.ttft_pct / 100.0
+        self.q_tpot = slo.tpot_pct / 100.0
+        self._cache: dict[tuple, InstanceFit] = {}
+
+    # ------------------------------------------------------------------ per-instance models
+
+    def _co(self, tp: int) -> StepCoefficients:
+        return self.model.coefficients(tp)
+
+    def _wait_samples(self, rate: float, s: np.ndarray, u: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per-request M/G/1 waits (common random numbers) and the utilisation."""
+        if len(s) == 0 or rate <= 0:
+            return np.zeros(len(u)), 0.0
+        rho = rate * float(s.mean())
+        if rho >= 1:
+            return np.full(len(u), math.inf), rho
+        mean_w = rate * float((s * s).mean()) / (2.0 * (1.0 - rho))
+        return np.where(u < rho, e * mean_w / rho, 0.0), rho
+
+    def prefill_service(self, tp: int, mask: np.ndarray | None = None) -> np.ndarray:
+        co = self._co(tp)
+        l = self.l_split if mask is None else self.l_split[mask]
+        c = self.c_split if mask is None else self.c_split[mask]
+        return co.prefill.a + co.prefill.b * l + co.prefill.c * (l * l + 2 * l * c)
+
+    def prefill_ttft(self, tp: int, rate: float, mask: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
+        """TTFT quantile of a prefill instance receiving ``rate`` req/s of the stream (``mask``: its share)."""
+        share = 1.0 if mask is None else float(mask.mean())
+        s = self.prefill_service(tp, mask)
+        m = slice(None) if mask is None else mask
+        w, rho = self._wait_samples(rate * share, s, self.u[m], self.e[m])
+        ttft = w + s
+        return float(np.quantile(ttft, self.q_ttft)), {"prefill_utilization": rho,
+                                                        "ttft_mean_s": float(ttft.mean())}
+
+    def prefill_mean_ttft(self, tp: int, rate: float) -> float:
+        """Exact mean TTFT of the M/G/1 prefill queue (Pollaczek-Khinchine), for the simulator check."""
+        s = self.prefill_service(tp)
+        return pk_mean_wait(rate, float(s.mean()), float((s * s).mean())) + float(s.mean())
+
+    def decode_eval(self, tp: int, rate: float, *, local: np.ndarray | None, chunk: int | None
+                    ) -> tuple[float, float, dict[str, Any]]:
+        """``(ttft_q, tpot_q, details)`` of an instance that decodes every request routed to it and prefills
+        the ``local`` ones itself (colocated); the others' KV arrives over its link. ``local=None``: none."""
+        co = self._co(tp)
+        cl = self.cluster
+        n = len(self.out)
+        local_mask = np.zeros(n, bool) if local is None else local
+        remote = ~local_mask
+        steps = self.steps
+        e_steps = float(steps.mean())
+        ctx_life = self.prompt + 1.0 + steps / 2.0
+        ctx_mean = float((steps * ctx_life).sum() / max(steps.sum(), 1e-9))
+        # prefill work a colocated step absorbs per local request (the intercept is the step's own)
+        l, c = self.l_colo, self.c_colo
+        if co.mixed is not None:
+            _, bp, cp, _, _ = co.mixed
+        else:
+            bp, cp = co.prefill.b, co.prefill.c
+        work = np.where(local_mask, bp * l + cp * (l * l + 2 * l * c), 0.0)
+        u_p = rate * float(work.mean())
+        details: dict[str, Any] = {"prefill_work_share": u_p}
+        if u_p >= 1:
+            return math.inf, math.inf, {**details, "limit": "colocated prefill work"}
+        # Little's law fixed point for the running batch
+        t = co.decode.a
+        batch = 0.0
+        for _ in range(80):
+            batch = rate * e_steps * t
+            d = co.decode_time(batch, batch * ctx_mean) if batch > 0 else co.decode.a
+            t_new = d / (1.0 - u_p)
+            if not math.isfinite(t_new) or t_new > 60.0:
+                return math.inf, math.inf, {**details, "limit": "decode batch diverges"}
+            if abs(t_new - t) <= 1e-9 + 1e-7 * t:
+                t = t_new
+                break
+            t = t_new
+        else:
+            return math.inf, math.inf, {**details, "limit": "decode batch diverges"}
+        d_n = t * (1.0 - u_p)
+        batch = rate * e_steps * t
+        capacity = kv_capacity_tokens(cl.model, cl.gpu, tp, cl.dtype_bytes, cl.memory_utilization)
+        kv_need = batch * ctx_mean
+        details.update({"step_s": t, "batch": batch, "kv_tokens": kv_need, "kv_capacity_tokens": capacity})
+        if kv_need > cl.kv_high_watermark * capacity:
+            return math.inf, math.inf, {**details, "limit": "KV memory"}
+        # KV link (remote requests): M/G/1 of transfers on this instance's link
+        x = np.where(remote, self.kv_bytes / (cl.link_bytes_per_s * tp), 0.0)
+        link_load = rate * float(x.mean())
+        details["link_load"] = link_load
+        if link_load >= 1:
+            return math.inf, math.inf, {**details, "limit": "KV link"}
+        w_link = 0.0
+        if link_load > 0:
+            mean_wl = rate * float((x * x).mean()) / (2 * (1 - link_load))
+            w_link_s = np.where(self.u2 < link_load, self.e2 * mean_wl / link_load, 0.0)
+        else:
+            w_link_s = np.zeros(n)
+        exposed = np.where(remote, w_link_s + x, 0.0)
+        details["kv_transfer_mean_s"] = float(x[remote].mean()) if remote.any() else 0.0
+        details["kv_exposed_mean_s"] = float(exposed[remote].mean()) if remote.any() else 0.0
+        _ = w_link
+        # TPOT per request: steps of d(N), the prefill work landing during its life, its own KV hand-off
+        has = steps >= 1
+        k = np.maximum(steps, 1.0)
+        ew2 = float((work * work).mean())
+        mu = u_p * t  # prefill work per step on average
+        sigma = np.sqrt(np.maximum(rate * k * t * ew2, 0.0)) / k
+        tpot = d_n + mu + self.z * sigma + exposed / k
+        tpot_q = float(np.quantile(tpot[has], self.q_tpot)) if has.any() else 0.0
+        details["tpot_mean_s"] = float(tpot[has].mean()) if has.any() else 0.0
+        # TTFT of local prefills: M/G/1 wait + the steps the prompt takes
+        ttft_q = 0.0
+        if local_mask.any():
+            per_step = math.inf if not chunk else max(1.0, chunk - batch)
+            n_steps = np.ceil(l[local_mask] / per_step) if chunk else np.ones(int(local_mask.sum()))
+            s = n_steps * d_n + work[local_mask] + (0.0 if batch >= 1 else co.prefill.a)
+            share = float(local_mask.mean())
+            w, rho = self._wait_samples(rate * share, s, self.u[local_mask], self.e[local_mask])
+            if rho >= 1:
+                return math.inf, tpot_q, {**details, "limit": "colocated prefill queue"}
+            ttft = w + s
+            ttft_q = float(np.quantile(ttft, self.q_ttft))
+            details["prefill_utilization"] = rho
+            details["ttft_mean_s"] = float(ttft.mean())
+        return ttft_q, tpot_q, details
+
+    # ------------------------------------------------------------------ instance goodput
+
+    def _bisect(self, ok: Callable[[float], bool], hi: float) -> float:
+        lo = 0.0
+        if hi <= 0 or not ok(hi * 1e-4):
+            return 0.0
+        lo = hi * 1e-4
+        for _ in range(_BISECT_ITERS):
+            mid = 0.5 * (lo + hi)
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-3 * hi:
+                break
+        return lo
+
+    def prefill_goodput(self, tp: int, mask: np.ndarray | None = None) -> InstanceFit:
+        key = ("P", tp, None if mask is None else mask.tobytes())
+        if key in self._cache:
+            return self._cache[key]
+        share = 1.0 if mask is None else float(mask.mean())
+        s = self.prefill_service(tp, mask)
+        if share == 0 or len(s) == 0:
+            fit = InstanceFit(math.inf, "no traffic")
+        else:
+            hi = 1.0 / (float(s.mean()) * share)
+            g = self._bisect(lambda r: self.prefill_ttft(tp, r, mask)[0] <= self.slo.ttft_s, hi)
+            _, det = self.prefill_ttft(tp, g, mask) if g > 0 else (0.0, {})
+            fit = InstanceFit(g, "prefill TTFT", {**det, "service_mean_s": float(s.mean())})
+        self._cache[key] = fit
+        return fit
+
+    def decode_goodput(self, tp: int, *, local: np.ndarray | None = None, chunk: int | None = None) -> InstanceFit:
+        key = ("D", tp, chunk, None if local is None else local.tobytes())
+        if key in self._cache:
+            return self._cache[key]
+        co = self._co(tp)
+        e_steps = max(float(self.steps.mean()), 1e-9)
+        hi = 1.0 / (e_steps * max(co.decode.a, 1e-6)) * 64  # far above any batch the step model allows
+        if local is not None and local.any():
+            l = self.l_colo[local]
+            hi = min(hi, 1.0 / max(float((co.prefill.b * l).mean()) * float(local.mean()), 1e-12))
+
+        def ok(r: float) -> bool:
+            ttft_q, tpot_q, _ = self.decode_eval(tp, r, local=local, chunk=chunk)
+            return tpot_q <= self.slo.tpot_s and ttft_q <= self.slo.ttft_s
+
+        g = self._bisect(ok, hi)
+        limit = "decode TPOT"
+        details: dict[str, Any] = {}
+        if g > 0:
+            _, _, details = self.decode_eval(tp, g, local=local, chunk=chunk)
+            over = self.decode_eval(tp, g * 1.01 + 1e-9, local=local, chunk=chunk)
+            limit = over[2].get("limit") or ("TTFT" if over[0] > self.slo.ttft_s else "decode TPOT")
+            if local is not None and limit == "decode TPOT" and over[0] > self.slo.ttft_s:
+                limit = "colocated TTFT"
+        else:
+            t0, p0, d0 = self.decode_eval(tp, hi * 1e-4, local=local, chunk=chunk)
+            limit = d0.get("limit") or ("TTFT at zero load" if t0 > self.slo.ttft_s else "TPOT at zero load")
+            details = d0
+        fit = InstanceFit(g, limit, details)
+        self._cache[key] = fit
+        return fit
+
+    # ------------------------------------------------------------------ placements
+
+    def usable_tp(self) -> list[int]:
+        cl = self.cluster
+        return [tp for tp in cl.candidate_tp() if tp in self.model.by_tp
+                and fits_in_memory(cl.model, cl.gpu, tp, cl.dtype_bytes)]
+
+    def colocated(self) -> list[Candidate]:
+        out = []
+        g_total = self.cluster.gpus
+        everyone = np.ones(len(self.out), bool)
+        for tp in self.usable_tp():
+            if tp > g_total:
+                continue
+            for chunk in CHUNK_BUDGETS:
+                fit = self.decode_goodput(tp, local=everyone, chunk=chunk)
+                n = g_total // tp
+                pl = Placement("colocated", n_d=n, tp_d=tp, chunk=chunk)
+                out.append(Candidate(pl, n * fit.goodput, fit.goodput / tp, fit.goodput / tp, fit.limit,
+                                     fit.details))
+        return sorted(out, key=lambda c: -c.per_gpu)
+
+    def split(self) -> list[Candidate]:
+        """The best integer split per (prefill TP, decode TP) pair within the cluster."""
+        out = []
+        for tp_p in self.usable_tp():
+            fp = self.prefill_goodput(tp_p)
+            for tp_d in self.usable_tp():
+                fd = self.decode_goodput(tp_d)
+                cand = self._best_pair("split", tp_p, fp, tp_d, fd)
+                if cand is not None:
+                    out.append(cand)
+        return sorted(out, key=lambda c: -c.per_gpu)
+
+    def conditional(self) -> list[Candidate]:
+        out = []
+        for q in THRESHOLD_QUANTILES:
+            theta = int(np.quantile(self.l_split, q))
+            long_mask = self.l_split > theta
+            if not long_mask.any() or long_mask.all():
+                continue
+            best: Candidate | None = None
+            for tp_p in self.usable_tp():
+                fp = self.prefill_goodput(tp_p, long_mask)
+                for tp_c in self.usable_tp():
+                    for chunk in (2048, 0):
+                        fc = self.decode_goodput(tp_c, local=~long_mask, chunk=chunk)
+                        cand = self._best_pair("conditional", tp_p, fp, tp_c, fc, chunk=chunk, threshold=theta)
+                        if cand is not None and (best is None or cand.per_gpu > best.per_gpu):
+                            best = cand
+            if best is not None:
+                out.append(best)
+        return sorted(out, key=lambda c: -c.per_gpu)
+
+    def _best_pair(self, kind: str, tp_p: int, fp: InstanceFit, tp_d: int, fd: InstanceFit, *,
+                   chunk: int | None = None, threshold: int | None = None) -> Candidate | None:
+        gp, gd = fp.goodput, fd.goodput
+        g_total = self.cluster.gpus
+        if gp <= 0 or gd <= 0 or tp_p + tp_d > g_total:
+            return None
+        ideal = 1.0 / (tp_p / gp + tp_d / gd) if math.isfinite(gp) else gd / tp_d
+        n_p = np.arange(1, (g_total - tp_d) // tp_p + 1)
+        if len(n_p) == 0:
+            return None
+        remaining = (g_total - n_p * tp_p) // tp_d
+        need = np.ceil(n_p * gp / gd - 1e-9) if math.isfinite(gp) else np.ones_like(n_p)
+        best: tuple[float, float, int, int] | None = None
+        for n_d in (np.minimum(need, remaining), np.minimum(np.maximum(need - 1, 1), remaining)):
+            n_d = n_d.astype(int)
+            good = np.minimum(n_p * gp, n_d * gd)
+            per = good / (n_p * tp_p + n_d * tp_d)
+            i = int(np.argmax(per + 1e-12 * good))
+            if best is None or per[i] > best[0] + 1e-12:
+                best = (float(per[i]), float(good[i]), int(n_p[i]), int(n_d[i]))
+        assert best is not None
+        per, good, n_pp, n_dd = best
+        limit = fp.limit if n_pp * gp <= n_dd * gd else fd.limit
+        pl = Placement(kind, n_p=n_pp, tp_p=tp_p, n_d=n_dd, tp_d=tp_d, chunk=chunk, threshold=threshold)
+        details = {"prefill_instance_goodput": gp, "decode_instance_goodput": gd,
+                   "prefill": fp.details, "decode": fd.details}
+        return Candidate(pl, good, per, ideal, limit, details)
+
+    def gpus_needed(self, rate: float, cand: Candidate) -> int | None:
+        """GPUs the candidate's instance shapes need to serve ``rate`` req/s (any cluster size)."""
+        pl = cand.placement
+        if pl.kind == "colocated":
+            g = cand.goodput / max(pl.n_d, 1)
+            return None if g <= 0 else math.ceil(rate / g - 1e-9) * pl.tp_d
+        gp = cand.details.get("prefill_instance_goodput", 0.0)
+        gd = cand.details.get("decode_instance_goodput", 0.0)
+        if gp <= 0 or gd <= 0:
+            return None
+        n_p = 0 if not math.isfinite(gp) else math.ceil(rate / gp - 1e-9)
+        return n_p * pl.tp_p + math.ceil(rate / gd - 1e-9) * pl.tp_d

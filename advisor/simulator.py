@@ -1,0 +1,450 @@
+"""Discrete-event simulator of one placement: per-request TTFT, TPOT and ITL under a given request rate.
+
+What it models (issue 5, "Discrete-event simulator"):
+
+* arrivals: gamma inter-arrival times with the workload's burstiness (shape 1 = Poisson), requests drawn
+  from the workload's empirical rows with a seeded generator: the same seed gives the same result;
+* prefill workers (split): FCFS, each step batches the queued prompts up to ``prefill_max_tokens``
+  (``prefill_max_batch`` prompts; 1 makes the queue M/G/1); the first token is sampled at the end of the
+  prefill, so TTFT ends there;
+* KV links: each decode (or colocated) instance receives KV over its own link of ``tp x`` the per-GPU
+  bandwidth, one transfer at a time (contention queues); the transfer delays the second token;
+* decode workers: continuous batching; a request joins when its KV has arrived and the KV cache stays under
+  the high watermark (admission), and leaves after ``output - 1`` steps;
+* colocated workers: decodes first, then prefill chunks fill the step's token budget (chunked prefill); with
+  no budget (``chunk=0``) a waiting prompt runs as a prefill-only step that stalls the decodes (the classic
+  interference);
+* prefix cache and multi-turn sessions: a request's cached prompt tokens are skipped by the prefill
+  (attention over them still costs the ``2 l p`` term); in split mode only shared-prefix hits count, the
+  session history lives on the decode side and is recomputed (``Workload.effective_prompt``). Routing is
+  session-affine in colocated mode, which is what makes those history hits possible there;
+* least-loaded routing (fewest outstanding requests) to every pool.
+
+Not modelled: preemption (admission control keeps the KV under the watermark instead), pipeline
+parallelism, and the front-end's own latency.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phaselens.advisor.inputs import Cluster, Slo
+from phaselens.advisor.screen import Placement
+from phaselens.advisor.step_model import StepCoefficients, StepModel, kv_capacity_tokens
+from phaselens.advisor.workload import Workload
+
+DEFAULT_REQUESTS = 1000
+#: Prompts batched into one prefill step at most (split prefill workers), tokens.
+PREFILL_MAX_TOKENS = 16384
+
+
+@dataclass
+class SimResult:
+    """Per-request latencies of one run and the SLO verdict."""
+
+    rate: float
+    ttft: np.ndarray
+    #: NaN for single-token outputs (no TPOT)
+    tpot: np.ndarray
+    #: decode step durations and how many sequences each carried (ITL, weighted by batch)
+    step_s: np.ndarray
+    step_batch: np.ndarray
+    finished: int
+    total: int
+    slo: Slo
+    busy: dict[str, float] = field(default_factory=dict)
+
+    def quantile(self, what: str, q: float) -> float:
+        arr = self.ttft if what == "ttft" else self.tpot
+        arr = arr[~np.isnan(arr)]
+        return float(np.quantile(arr, q)) if len(arr) else 0.0
+
+    @property
+    def ttft_q(self) -> float:
+        return self.quantile("ttft", self.slo.ttft_pct / 100.0)
+
+    @property
+    def tpot_q(self) -> float:
+        return self.quantile("tpot", self.slo.tpot_pct / 100.0)
+
+    @property
+    def joint_attainment(self) -> float:
+        """Share of requests meeting both targets (unfinished ones miss)."""
+        ok_t = self.ttft <= self.slo.ttft_s
+        ok_p = np.isnan(self.tpot) | (self.tpot <= self.slo.tpot_s)
+        return float((ok_t & ok_p).sum() / self.total)
+
+    @property
+    def meets_slo(self) -> bool:
+        if self.finished < self.total:
+            return False
+        ok = self.ttft_q <= self.slo.ttft_s and self.tpot_q <= self.slo.tpot_s
+        if self.slo.attainment is not None:
+            ok = ok and self.joint_attainment >= self.slo.attainment
+        return ok
+
+    def itl_quantile(self, q: float) -> float:
+        if not len(self.step_s):
+            return 0.0
+        order = np.argsort(self.step_s)
+        w = np.cumsum(self.step_batch[order])
+        return float(self.step_s[order][np.searchsorted(w, q * w[-1])])
+
+    def summary(self) -> dict[str, Any]:
+        return {"rate_rps": self.rate, "finished": self.finished, "total": self.total,
+                "ttft_q_s": self.ttft_q, "tpot_q_s": self.tpot_q, "joint_attainment": self.joint_attainment,
+                "ttft_mean_s": float(np.nanmean(self.ttft[np.isfinite(self.ttft)])) if self.finished else None,
+                "itl_p50_s": self.itl_quantile(0.5), "itl_p99_s": self.itl_quantile(0.99),
+                "meets_slo": self.meets_slo, "busy": self.busy}
+
+
+class _Reqs:
+    """Struct-of-arrays request state."""
+
+    def __init__(self, arrival: np.ndarray, prompt: np.ndarray, out: np.ndarray, cached: np.ndarray,
+                 kv_bytes_per_token: float):
+        n = len(arrival)
+        self.arrival = arrival.tolist()
+        self.prompt = prompt.tolist()
+        self.out = out.tolist()
+        self.cached = cached.tolist()
+        self.kv_bytes = (prompt * kv_bytes_per_token).tolist()
+        self.first = [math.nan] * n
+        self.finish = [math.nan] * n
+
+
+class _Worker:
+    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str):
+        self.sim = sim
+        self.co = co
+        self.name = name
+        self.load = 0  # outstanding requests (routing)
+        self.busy_s = 0.0
+
+
+class _DecodeSide(_Worker):
+    """Continuous batching with KV admission; base of decode and colocated workers."""
+
+    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, capacity: int, link_bps: float):
+        super().__init__(sim, co, name)
+        self.capacity = capacity * sim.cluster.kv_high_watermark
+        self.link_bps = link_bps
+        self.link_free = 0.0
+        self.n = 0
+        self.ctx = 0.0
+        self.step_no = 0
+        self.ends: list[tuple[int, int]] = []
+        self.waiting: deque[int] = deque()
+        self.busy = False
+
+    def receive_kv(self, now: float, j: int) -> None:
+        """Queue the transfer of request ``j``'s KV on this instance's link."""
+        r = self.sim.reqs
+        start = max(now, self.link_free)
+        self.link_free = start + r.kv_bytes[j] / self.link_bps
+        self.sim.push(self.link_free, self._kv_arrived, j)
+
+    def _kv_arrived(self, now: float, j: int) -> None:
+        self.waiting.append(j)
+        self._admit()
+        if not self.busy:
+            self._start(now)
+
+    def _admit(self) -> None:
+        r = self.sim.reqs
+        while self.waiting:
+            j = self.waiting[0]
+            need = r.prompt[j] + 1
+            if self.n and self.ctx + need + r.out[j] > self.capacity:
+                break
+            self.waiting.popleft()
+            self._join(j)
+
+    def _join(self, j: int) -> None:
+        r = self.sim.reqs
+        self.n += 1
+        self.ctx += r.prompt[j] + 1
+        heapq.heappush(self.ends, (self.step_no + r.out[j] - 1, j))
+
+    def _retire(self, now: float) -> None:
+        r = self.sim.reqs
+        while self.ends and self.ends[0][0] <= self.step_no:
+            _, j = heapq.heappop(self.ends)
+            r.finish[j] = now
+            self.n -= 1
+            self.ctx -= r.prompt[j] + r.out[j]
+            self.load -= 1
+            self.sim.done += 1
+
+    def _start(self, now: float) -> None:
+        if self.n == 0:
+            self.busy = False
+            return
+        self.busy = True
+        dt = self.co.decode_time(self.n, self.ctx)
+        self.sim.record_step(dt, self.n)
+        self.busy_s += dt
+        self.sim.push(now + dt, self._step_done, self.n)
+
+    def _step_done(self, now: float, batch: int) -> None:
+        self.step_no += 1
+        self.ctx += batch
+        self._retire(now)
+        self._admit()
+        self._start(now)
+
+
+class _PrefillWorker(_Worker):
+    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, max_tokens: int, max_batch: int):
+        super().__init__(sim, co, name)
+        self.queue: deque[int] = deque()
+        self.busy = False
+        self.max_tokens = max_tokens
+        self.max_batch = max_batch
+
+    def submit(self, now: float, j: int) -> None:
+        self.queue.append(j)
+        self.load += 1
+        if not self.busy:
+            self._start(now)
+
+    def _start(self, now: float) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        r = self.sim.reqs
+        batch: list[int] = []
+        tokens = 0
+        quad = 0.0
+        while self.queue and len(batch) < self.max_batch:
+            j = self.queue[0]
+            l = r.prompt[j] - r.cached[j]
+            if batch and tokens + l > self.max_tokens:
+                break
+            self.queue.popleft()
+            batch.append(j)
+            tokens += l
+            quad += l * l + 2.0 * l * r.cached[j]
+        dt = self.co.prefill_time(tokens, quad)
+        self.busy = True
+        self.busy_s += dt
+        self.sim.push(now + dt, self._done, batch)
+
+    def _done(self, now: float, batch: list[int]) -> None:
+        r = self.sim.reqs
+        for j in batch:
+            r.first[j] = now
+            self.load -= 1
+            if r.out[j] <= 1:
+                r.finish[j] = now
+                self.sim.done += 1
+            else:
+                target = self.sim.route(self.sim.decoders)
+                target.load += 1
+                target.receive_kv(now, j)
+        self._start(now)
+
+
+class _ColocatedWorker(_DecodeSide):
+    """Decodes first, then prefill chunks within the step budget (chunk 0: prefill-only steps)."""
+
+    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, capacity: int, link_bps: float,
+                 chunk: int):
+        super().__init__(sim, co, name, capacity, link_bps)
+        self.chunk = chunk
+        self.pq: deque[list[int]] = deque()  # [request, tokens done]
+
+    def submit(self, now: float, j: int) -> None:
+        self.pq.append([j, 0])
+        self.load += 1
+        if not self.busy:
+            self._start(now)
+
+    def _start(self, now: float) -> None:
+        r = self.sim.reqs
+        if not self.n and not self.pq:
+            self.busy = False
+            return
+        taken: list[tuple[list[int], int]] = []
+        tokens = 0
+        quad = 0.0
+        decodes = self.n
+        if self.chunk == 0:
+            # no chunking: waiting prompts run alone, whole (prefill priority), decodes wait
+            if self.pq:
+                decodes = 0
+                budget = PREFILL_MAX_TOKENS
+            else:
+                budget = 0
+        else:
+            budget = max(0, self.chunk - self.n)
+        kv_room = self.capacity - self.ctx
+        for item in self.pq:
+            if budget <= 0:
+                break
+            j, done = item
+            if done == 0:
+                need = r.prompt[j] + r.out[j]
+                if (self.n or taken) and need > kv_room:
+                    break  # KV admission: the next prompt waits until decodes finish
+                kv_room -= need
+            left = r.prompt[j] - r.cached[j] - done
+            k = left if self.chunk == 0 else min(left, budget)
+            if self.chunk == 0 and taken and tokens + k > budget:
+                break
+            past = r.cached[j] + done
+            quad += k * k + 2.0 * k * past
+            tokens += k
+            budget -= k
+            taken.append((item, k))
+        if tokens and decodes:
+            dt = self.co.mixed_time(tokens, quad, decodes, self.ctx)
+        elif tokens:
+            dt = self.co.prefill_time(tokens, quad)
+        else:
+            dt = self.co.decode_time(decodes, self.ctx)
+        if decodes:
+            self.sim.record_step(dt, decodes)
+        self.busy = True
+        self.busy_s += dt
+        self.sim.push(now + dt, self._colo_done, (decodes, taken))
+
+    def _colo_done(self, now: float, payload: tuple[int, list[tuple[list[int], int]]]) -> None:
+        decodes, taken = payload
+        r = self.sim.reqs
+        if decodes:
+            self.step_no += 1
+            self.ctx += decodes
+            self._retire(now)
+        for item, k in taken:
+            item[1] += k
+            j = item[0]
+            if item[1] >= r.prompt[j] - r.cached[j]:
+                self.pq.popleft() if self.pq and self.pq[0] is item else self.pq.remove(item)
+                r.first[j] = now
+                if r.out[j] <= 1:
+                    r.finish[j] = now
+                    self.load -= 1
+                    self.sim.done += 1
+                else:
+                    self._join(j)
+        self._admit()
+        self._start(now)
+
+    def _kv_arrived(self, now: float, j: int) -> None:
+        # conditional mode: a remotely prefilled request joins the decodes
+        self.waiting.append(j)
+        self._admit()
+        if not self.busy:
+            self._start(now)
+
+
+class Simulator:
+    """Simulates one placement of a workload; ``run(rate)`` returns per-request latencies."""
+
+    def __init__(self, model: StepModel, workload: Workload, slo: Slo, cluster: Cluster, placement: Placement, *,
+                 n_requests: int = DEFAULT_REQUESTS, seed: int = 0, prefill_max_tokens: int = PREFILL_MAX_TOKENS,
+                 prefill_max_batch: int = 1 << 30):
+        self.model = model
+        self.workload = workload
+        self.slo = slo
+        self.cluster = cluster
+        self.placement = placement
+        self.n_requests = n_requests
+        self.seed = seed
+        self.prefill_max_tokens = prefill_max_tokens
+        self.prefill_max_batch = prefill_max_batch
+
+    # -- event plumbing used by the workers
+    def push(self, t: float, fn: Any, arg: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, fn, arg))
+
+    def record_step(self, dt: float, batch: int) -> None:
+        self._steps_s.append(dt)
+        self._steps_b.append(batch)
+
+    @staticmethod
+    def route(workers: list[Any]) -> Any:
+        return min(workers, key=lambda w: w.load)
+
+    def _build(self) -> tuple[list[Any], list[Any]]:
+        pl, cl = self.placement, self.cluster
+        cap = {tp: kv_capacity_tokens(cl.model, cl.gpu, tp, cl.dtype_bytes, cl.memory_utilization)
+               for tp in {pl.tp_p, pl.tp_d} if tp}
+        prefill: list[Any] = []
+        if pl.kind in ("split", "conditional"):
+            co = self.model.coefficients(pl.tp_p)
+            prefill = [_PrefillWorker(self, co, f"p{i}", self.prefill_max_tokens, self.prefill_max_batch)
+                       for i in range(pl.n_p)]
+        co_d = self.model.coefficients(pl.tp_d)
+        link = cl.link_bytes_per_s * pl.tp_d
+        if pl.kind == "split":
+            decoders: list[Any] = [_DecodeSide(self, co_d, f"d{i}", cap[pl.tp_d], link) for i in range(pl.n_d)]
+        else:
+            decoders = [_ColocatedWorker(self, co_d, f"c{i}", cap[pl.tp_d], link, pl.chunk or 0)
+                        for i in range(pl.n_d)]
+        return prefill, decoders
+
+    def run(self, rate: float) -> SimResult:
+        """Simulate ``n_requests`` arrivals at ``rate`` req/s until all finish (or the horizon)."""
+        rng = np.random.default_rng(self.seed)
+        n = self.n_requests
+        split_side = self.placement.kind in ("split", "conditional")
+        idx = rng.integers(0, self.workload.n, size=n)
+        wl = self.workload
+        prompt = wl.prompt_tokens[idx]
+        out = wl.output_tokens[idx]
+        cached_colo = wl.cached_tokens[idx]
+        cached_split = wl.static_cached[idx]
+        arrival = wl.arrival_times(n, rate, rng)
+        remote = np.zeros(n, bool)
+        if self.placement.kind == "split":
+            remote[:] = True
+        elif self.placement.kind == "conditional":
+            remote = (prompt - cached_split) > (self.placement.threshold or 0)
+        cached = np.where(remote, cached_split, cached_colo) if split_side else cached_colo
+        self.reqs = _Reqs(arrival, prompt, out, cached, self.cluster.model.kv_bytes_per_token(self.cluster.dtype_bytes))
+        self._events: list[tuple[float, int, Any, Any]] = []
+        self._seq = 0
+        self._steps_s: list[float] = []
+        self._steps_b: list[int] = []
+        self.done = 0
+        self.prefill, self.decoders = self._build()
+        horizon = float(arrival[-1]) * 1.5 + 60.0 + 20 * (self.slo.ttft_s + self.slo.tpot_s * float(out.max()))
+        arr = arrival.tolist()
+        rem = remote.tolist()
+        i = 0
+        events = self._events
+        now = 0.0
+        while i < n or events:
+            if i < n and (not events or arr[i] <= events[0][0]):
+                now = arr[i]
+                if rem[i]:
+                    self.route(self.prefill).submit(now, i)
+                else:
+                    self.route(self.decoders).submit(now, i)
+                i += 1
+                continue
+            now, _, fn, arg = heapq.heappop(events)
+            if now > horizon:
+                break
+            fn(now, arg)
+        r = self.reqs
+        first = np.asarray(r.first)
+        finish = np.asarray(r.finish)
+        ttft = np.where(np.isnan(first), math.inf, first - arrival)
+        steps = out - 1.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out <= 1, math.nan, (finish - first) / np.maximum(steps, 1))
+        tpot = np.where((out > 1) & np.isnan(finish), math.inf, tpot)
+        elapsed = max(now, 1e-9)
+        busy = {w.name: w.busy_s / elapsed for w in (*self.prefill, *self.decoders)}
+        return SimResult(rate, ttft, tpot, np.asarray(self._steps_s), np.asarray(self._steps_b, dtype=float),
+                         int(np.isfinite(finish).sum()), n, self.slo, busy)

@@ -1,0 +1,479 @@
+"""The step-time model: how long one engine step takes, fitted from the operator's own step records.
+
+Forms (DESIGN.md, "The advisor"; DistServe, OSDI'24, section 4 and its simulator's profile tables use the
+same shapes):
+
+* prefill: ``a + b*sum(l) + c*sum(l^2 + 2*l*p)``: ``l`` the chunk length, ``p`` its cached prefix. The
+  quadratic term counts the query-key pairs of causal attention (twice the pairs, less ``sum(l)``), so a
+  prefix-cache hit still costs the attention of the new tokens over the cached ones.
+* decode: ``a + b*context + c*batch``: ``context`` the summed attended context, ``batch`` the sequences.
+  Above a batch knee (when the data shows one, e.g. a GEMM tile or attention-kernel change) a second
+  line is fitted.
+* mixed (a chunked-prefill step that also carries decodes): an intercept plus both sets of terms.
+
+Fits minimise the *relative* error (least squares on ``(pred - t) / t``), so a 5 ms decode step weighs as
+much as a 500 ms prefill; coefficients are kept non-negative (a step never gets faster with more work).
+The held-out mean relative error (20% of the steps, seeded) is reported per phase and drives the
+advisor's decision margin. Other tensor-parallel degrees are extrapolated by a roofline rule and flagged,
+and with no trace at all a roofline model from the model config and the GPU's datasheet peaks stands in,
+flagged as such.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy.optimize import nnls
+
+from phaselens.engine.config import ModelConfig
+from phaselens.gpus import GpuSpec
+from phaselens.phase import Phase
+from phaselens.trace import StepRecord
+
+log = logging.getLogger(__name__)
+
+#: Steps each fitted phase needs: 4 per coefficient, so a holdout of 20% still leaves an overdetermined fit.
+MIN_STEPS_PER_PHASE = 12
+HOLDOUT_FRACTION = 0.2
+#: A second decode line is used only when it cuts the relative RMS error by this factor or more.
+KNEE_GAIN = 0.8
+#: Roofline efficiencies for the fallback: sustained fraction of datasheet peak (typical for bf16 GEMMs
+#: and streaming reads on Hopper/Ampere; they are assumptions, and the model says so).
+ROOFLINE_MFU = 0.6
+ROOFLINE_MBU = 0.8
+#: Per all-reduce latency and per-GPU NVLink bandwidth used to extrapolate to other TP degrees.
+ALLREDUCE_LATENCY_S = 8e-6
+NVLINK_BYTES_PER_S = 300e9
+
+
+class NotEnoughStepsError(ValueError):
+    """The trace has too few steps of a phase to fit its coefficients."""
+
+
+@dataclass(frozen=True)
+class Line3:
+    """``a + b*x + c*y`` with its meaning in the caller (seconds)."""
+
+    a: float
+    b: float
+    c: float
+
+    def scaled(self, fa: float, fb: float, fc: float) -> "Line3":
+        return Line3(self.a * fa, self.b * fb, self.c * fc)
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """Coefficients of one instance shape (a TP degree), seconds.
+
+    prefill: ``a + b*sum(l) + c*sum(l^2 + 2 l p)``; decode: ``a + b*context + c*batch`` (``decode_large``
+    above ``knee``); mixed: ``mixed_a + prefill terms + decode terms`` (``mixed`` holds the five fitted
+    coefficients when mixed steps were fitted, else the prefill and decode lines are composed).
+    """
+
+    tp: int
+    prefill: Line3
+    decode: Line3
+    decode_large: Line3 | None = None
+    knee: int | None = None
+    mixed: tuple[float, float, float, float, float] | None = None
+    #: "fit", "published", "roofline", or "extrapolated from TP1 fit" (how these numbers were obtained)
+    source: str = "fit"
+
+    def prefill_time(self, sum_l: float, sum_quad: float) -> float:
+        p = self.prefill
+        return p.a + p.b * sum_l + p.c * sum_quad
+
+    def decode_line(self, batch: float) -> Line3:
+        if self.decode_large is not None and self.knee is not None and batch >= self.knee:
+            return self.decode_large
+        return self.decode
+
+    def decode_time(self, batch: float, context: float) -> float:
+        if batch <= 0:
+            return 0.0
+        d = self.decode_line(batch)
+        return d.a + d.b * context + d.c * batch
+
+    def mixed_time(self, sum_l: float, sum_quad: float, batch: float, context: float) -> float:
+        """A step with prefill chunks and ``batch`` decodes over ``context`` summed decode context."""
+        if batch <= 0:
+            return self.prefill_time(sum_l, sum_quad)
+        if sum_l <= 0:
+            return self.decode_time(batch, context)
+        if self.mixed is not None:
+            a, bp, cp, bd, cd = self.mixed
+            return a + bp * sum_l + cp * sum_quad + bd * context + cd * batch
+        d = self.decode_line(batch)
+        p = self.prefill
+        return max(p.a, d.a) + p.b * sum_l + p.c * sum_quad + d.b * context + d.c * batch
+
+
+def quad_term(lengths: np.ndarray, cached: np.ndarray | float = 0.0) -> np.ndarray:
+    """``l^2 + 2 l p`` per sequence (the prefill model's quadratic feature)."""
+    lengths = np.asarray(lengths, dtype=float)
+    return lengths * lengths + 2.0 * lengths * np.asarray(cached, dtype=float)
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Step-time coefficients per TP degree, with how well they fit and where they came from."""
+
+    by_tp: dict[int, StepCoefficients]
+    #: held-out mean relative error per phase name ("prefill", "decode", "mixed"); empty when not fitted
+    holdout_error: dict[str, float] = field(default_factory=dict)
+    #: steps used per phase
+    steps_used: dict[str, int] = field(default_factory=dict)
+    measured_tp: int = 1
+    #: human-readable flags: roofline fallback, extrapolated TP degrees, approximations used
+    flags: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ use
+
+    def coefficients(self, tp: int) -> StepCoefficients:
+        """Coefficients for TP degree ``tp``, extrapolating from the measured one when needed (flagged)."""
+        if tp in self.by_tp:
+            return self.by_tp[tp]
+        raise KeyError(f"no step-time coefficients for TP{tp}; have TP{sorted(self.by_tp)}")
+
+    @property
+    def tp_degrees(self) -> list[int]:
+        return sorted(self.by_tp)
+
+    @property
+    def error(self) -> float:
+        """The model's own error: the worse of the prefill and decode held-out errors (0 when unknown)."""
+        vals = [v for k, v in self.holdout_error.items() if k in ("prefill", "decode")]
+        return max(vals) if vals else 0.0
+
+    def with_tp_degrees(self, degrees: Iterable[int], model: ModelConfig | None,
+                        dtype_bytes: int = 2) -> "StepModel":
+        """A copy that also holds the TP degrees in ``degrees``, extrapolated from the measured TP."""
+        base = self.by_tp.get(self.measured_tp) or self.by_tp[min(self.by_tp)]
+        by_tp = dict(self.by_tp)
+        new = []
+        for tp in degrees:
+            if tp in by_tp:
+                continue
+            by_tp[tp] = extrapolate_tp(base, tp, model, dtype_bytes)
+            new.append(tp)
+        flags = self.flags
+        if new:
+            flags = flags + (f"TP{','.join(map(str, new))} extrapolated from TP{base.tp} by roofline scaling "
+                             "(compute and KV reads split across GPUs, plus all-reduce time)",)
+        return replace(self, by_tp=by_tp, flags=flags)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"holdout_mean_relative_error": dict(self.holdout_error),
+                               "steps_used": dict(self.steps_used), "measured_tp": self.measured_tp,
+                               "flags": list(self.flags), "tp": {}}
+        for tp, co in sorted(self.by_tp.items()):
+            out["tp"][str(tp)] = {
+                "source": co.source,
+                "prefill_s": [co.prefill.a, co.prefill.b, co.prefill.c],
+                "decode_s": [co.decode.a, co.decode.b, co.decode.c],
+                "decode_large_s": None if co.decode_large is None else
+                [co.decode_large.a, co.decode_large.b, co.decode_large.c],
+                "knee": co.knee,
+                "mixed_s": None if co.mixed is None else list(co.mixed),
+            }
+        return out
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_table(cls, table: dict[int, dict[str, Any]], *, unit_s: float = 1.0,
+                   source: str = "published", flags: Sequence[str] = ()) -> "StepModel":
+        """From a coefficient table ``{tp: {"prefill": [a,b,c], "decode": [a,b,c],
+        "decode_large": [a,b,c] | None, "knee": int | None}}``; ``unit_s`` converts (1e-3 for ms)."""
+        by_tp = {}
+        for tp, row in table.items():
+            big = row.get("decode_large")
+            by_tp[int(tp)] = StepCoefficients(
+                tp=int(tp),
+                prefill=Line3(*(float(x) * unit_s for x in row["prefill"])),
+                decode=Line3(*(float(x) * unit_s for x in row["decode"])),
+                decode_large=None if big is None else Line3(*(float(x) * unit_s for x in big)),
+                knee=row.get("knee"),
+                source=source,
+            )
+        return cls(by_tp=by_tp, measured_tp=min(by_tp), flags=tuple(flags))
+
+    @classmethod
+    def roofline(cls, model: ModelConfig, gpu: GpuSpec, tp_degrees: Sequence[int] = (1,),
+                 dtype_bytes: int = 2) -> "StepModel":
+        """A model from the shape and the GPU's datasheet peaks only: no measurement, flagged as such."""
+        base = roofline_coefficients(model, gpu, dtype_bytes)
+        by_tp = {1: base}
+        for tp in tp_degrees:
+            if tp != 1:
+                by_tp[tp] = replace(extrapolate_tp(base, tp, model, dtype_bytes), source="roofline")
+        flag = (f"roofline model from {model.name} shape and {gpu.name} datasheet peaks "
+                f"(MFU {ROOFLINE_MFU:.0%}, MBU {ROOFLINE_MBU:.0%} assumed): not measured")
+        return cls(by_tp=by_tp, measured_tp=1, flags=(flag,))
+
+    @classmethod
+    def fit(cls, steps: Sequence[StepRecord], *, model: ModelConfig | None = None, tp: int = 1,
+            seed: int = 0, source: str = "trace") -> "StepModel":
+        """Fit prefill, decode and (when present) mixed coefficients from step records.
+
+        Raises :class:`NotEnoughStepsError` ("not enough steps to fit: N, need M") when a phase has too few.
+        """
+        data = _StepData.from_records(steps, model)
+        flags: list[str] = []
+        if data.approximated_quad:
+            flags.append(f"{data.approximated_quad} multi-sequence prefill steps: sum(l^2 + 2lp) taken from "
+                         "the step's attention FLOPs or, without a model config, from equal-length sequences")
+        for phase_name, n in (("prefill", len(data.prefill_y)), ("decode", len(data.decode_y))):
+            if n < MIN_STEPS_PER_PHASE:
+                raise NotEnoughStepsError(
+                    f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE} ({phase_name} steps in {source}; "
+                    f"{len(steps)} step records in all)")
+        rng = np.random.default_rng(seed)
+        errors: dict[str, float] = {}
+
+        prefill, errors["prefill"] = _fit_with_holdout(data.prefill_x, data.prefill_y, rng)
+        decode, decode_large, knee, errors["decode"] = _fit_decode(data.decode_x, data.decode_y, rng)
+        mixed = None
+        if len(data.mixed_y) >= MIN_STEPS_PER_PHASE:
+            coef, errors["mixed"] = _fit_with_holdout(data.mixed_x, data.mixed_y, rng)
+            mixed = tuple(float(v) for v in coef)
+        elif len(data.mixed_y):
+            flags.append(f"only {len(data.mixed_y)} mixed steps: mixed steps modelled as prefill + decode terms")
+        co = StepCoefficients(
+            tp=tp, prefill=Line3(*map(float, prefill)), decode=Line3(*map(float, decode)),
+            decode_large=None if decode_large is None else Line3(*map(float, decode_large)), knee=knee,
+            mixed=mixed, source="fit")  # type: ignore[arg-type]
+        used = {"prefill": len(data.prefill_y), "decode": len(data.decode_y), "mixed": len(data.mixed_y)}
+        return cls(by_tp={tp: co}, holdout_error=errors, steps_used=used, measured_tp=tp, flags=tuple(flags))
+
+
+# ---------------------------------------------------------------------- features
+
+
+@dataclass
+class _StepData:
+    prefill_x: np.ndarray
+    prefill_y: np.ndarray
+    decode_x: np.ndarray
+    decode_y: np.ndarray
+    mixed_x: np.ndarray
+    mixed_y: np.ndarray
+    approximated_quad: int = 0
+
+    @classmethod
+    def from_records(cls, steps: Sequence[StepRecord], model: ModelConfig | None) -> "_StepData":
+        px, py, dx, dy, mx, my = [], [], [], [], [], []
+        approx = 0
+        for s in steps:
+            t = s.duration_s
+            if t <= 0:
+                continue  # a zero-length interval carries no timing information
+            if s.phase is Phase.PREFILL and s.prefill_tokens > 0:
+                quad, approximated = _prefill_quad(s, model, n_seqs=max(1, s.batch))
+                approx += approximated
+                px.append((1.0, s.prefill_tokens, quad))
+                py.append(t)
+            elif s.phase is Phase.DECODE and s.decode_tokens > 0:
+                dx.append((1.0, s.context_tokens, s.decode_tokens))
+                dy.append(t)
+            elif s.phase is Phase.MIXED and s.prefill_tokens > 0 and s.decode_tokens > 0:
+                n_pre = max(1, s.batch - s.decode_tokens)
+                # The decode share of the context is not in the record; each decode attends to at least
+                # itself, and the prefill chunks' context is at least their own tokens.
+                quad = float(s.prefill_tokens) ** 2 / n_pre
+                mx.append((1.0, s.prefill_tokens, quad, max(0, s.context_tokens - s.prefill_tokens),
+                           s.decode_tokens))
+                my.append(t)
+
+        def arr(rows: list, width: int) -> np.ndarray:
+            return np.asarray(rows, dtype=float).reshape(-1, width)
+
+        return cls(arr(px, 3), np.asarray(py), arr(dx, 3), np.asarray(dy), arr(mx, 5), np.asarray(my), approx)
+
+
+def _prefill_quad(s: StepRecord, model: ModelConfig | None, n_seqs: int) -> tuple[float, int]:
+    """``sum(l^2 + 2 l p)`` of a prefill step and whether it had to be approximated."""
+    total_l = float(s.prefill_tokens)
+    total_p = max(0.0, float(s.context_tokens) - total_l)  # context is sum(p + l) over the chunks
+    if n_seqs == 1:
+        return total_l * total_l + 2.0 * total_l * total_p, 0
+    # Equal lengths give the smallest possible sum; exact when the batch is uniform.
+    equal = (total_l * total_l + 2.0 * total_l * total_p) / n_seqs
+    if model is not None and s.flops > 0:
+        # serving_shim/cost.py: flops = 2*T*L*linear + 2*S*h*V + 4*L*q*pairs, pairs = (sum(l^2+2lp) + sum l)/2
+        h, L = model.hidden_size, model.num_layers
+        linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
+        tokens = s.prefill_tokens + s.decode_tokens
+        attn = s.flops - 2.0 * tokens * L * linear - 2.0 * n_seqs * h * model.vocab_size
+        pairs = attn / (4.0 * L * model.q_size)
+        from_flops = 2.0 * pairs - total_l
+        upper = total_l * total_l + 2.0 * total_l * total_p
+        return float(min(max(from_flops, equal), upper)), 1
+    return equal, 1
+
+
+# ---------------------------------------------------------------------- fitting
+
+
+def _nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error: minimise sum(((x @ c) - y) / y)^2."""
+    w = 1.0 / y
+    xs = x * w[:, None]
+    # Column scaling keeps NNLS well conditioned (features span 1 .. 1e8).
+    scale = np.maximum(np.abs(xs).max(axis=0), 1e-30)
+    coef, _ = nnls(xs / scale, np.ones_like(y), maxiter=50 * x.shape[1])
+    return coef / scale
+
+
+def _rel_err(x: np.ndarray, y: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    return np.abs(x @ coef - y) / y
+
+
+def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    idx = rng.permutation(n)
+    n_hold = max(1, int(round(n * HOLDOUT_FRACTION)))
+    return idx[n_hold:], idx[:n_hold]
+
+
+def _fit_with_holdout(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    train, hold = _split(len(y), rng)
+    coef = _nnls_relative(x[train], y[train])
+    err = float(_rel_err(x[hold], y[hold], coef).mean())
+    return _nnls_relative(x, y), err
+
+
+def _fit_decode(x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray | None, int | None, float]:
+    """One line, or two split at a batch knee when that cuts the relative RMS error enough."""
+    batch = x[:, 2]
+    train, hold = _split(len(y), rng)
+
+    def fit_pieces(rows: np.ndarray, knee: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if knee is None:
+            return _nnls_relative(x[rows], y[rows]), None
+        lo, hi = rows[batch[rows] < knee], rows[batch[rows] >= knee]
+        return _nnls_relative(x[lo], y[lo]), _nnls_relative(x[hi], y[hi])
+
+    def predict(rows: np.ndarray, knee: int | None, small: np.ndarray, large: np.ndarray | None) -> np.ndarray:
+        pred = x[rows] @ small
+        if knee is not None and large is not None:
+            above = batch[rows] >= knee
+            pred[above] = x[rows][above] @ large
+        return pred
+
+    def rms(rows: np.ndarray, knee: int | None) -> float:
+        small, large = fit_pieces(rows, knee)
+        return float(np.sqrt(np.mean(((predict(rows, knee, small, large) - y[rows]) / y[rows]) ** 2)))
+
+    best_knee: int | None = None
+    best = rms(train, None)
+    distinct = np.unique(batch[train])
+    if len(distinct) >= 6:
+        for q in np.linspace(0.2, 0.8, 13):
+            knee = int(np.quantile(distinct, q))
+            lo = int((batch[train] < knee).sum())
+            if lo < 6 or len(train) - lo < 6:
+                continue
+            err = rms(train, knee)
+            if err < best * KNEE_GAIN:
+                best, best_knee = err, knee
+    small, large = fit_pieces(train, best_knee)
+    hold_err = float((np.abs(predict(hold, best_knee, small, large) - y[hold]) / y[hold]).mean())
+    small, large = fit_pieces(np.arange(len(y)), best_knee)
+    return small, large, best_knee, hold_err
+
+
+# ---------------------------------------------------------------------- roofline and TP
+
+
+def _weight_bytes(model: ModelConfig, dtype_bytes: int) -> float:
+    return float(model.num_parameters() * dtype_bytes)
+
+
+def roofline_coefficients(model: ModelConfig, gpu: GpuSpec, dtype_bytes: int = 2) -> StepCoefficients:
+    """TP1 coefficients from FLOPs and bytes at assumed sustained fractions of the datasheet peaks."""
+    flops_s = gpu.peak_bf16_flops * ROOFLINE_MFU
+    bytes_s = gpu.peak_dram_bytes_per_s * ROOFLINE_MBU
+    h, L = model.hidden_size, model.num_layers
+    linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
+    weights_t = _weight_bytes(model, dtype_bytes) / bytes_s
+    per_token = 2.0 * L * linear / flops_s
+    # attention: 4*L*q FLOPs per query-key pair; pairs ~ sum(l^2 + 2lp)/2
+    per_quad = 2.0 * L * model.q_size / flops_s
+    kv_per_ctx = model.kv_bytes_per_token(dtype_bytes) / bytes_s
+    lm_head = 2.0 * h * model.vocab_size / flops_s
+    return StepCoefficients(
+        tp=1,
+        # Prefill is compute-bound: the weight read overlaps and sets only the floor (the intercept).
+        prefill=Line3(weights_t, per_token, per_quad),
+        # Decode is memory-bound: weights once per step, KV per context token, a little compute per sequence.
+        decode=Line3(weights_t, kv_per_ctx, per_token + lm_head),
+        source="roofline",
+    )
+
+
+def extrapolate_tp(base: StepCoefficients, tp: int, model: ModelConfig | None,
+                   dtype_bytes: int = 2) -> StepCoefficients:
+    """Coefficients at TP ``tp`` from TP ``base.tp``: the work splits across GPUs, plus all-reduces.
+
+    Megatron-style TP does two all-reduces of ``tokens * hidden`` activations per layer; a ring all-reduce
+    moves ``2 (t-1)/t`` of the buffer over each GPU's NVLink.
+    """
+    if tp == base.tp:
+        return base
+    f = base.tp / tp
+    layers = model.num_layers if model else 32
+    hidden = model.hidden_size if model else 4096
+    lat = 2 * layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0
+    comm_per_token = 0.0
+    if tp > 1:
+        comm_per_token = 2 * layers * hidden * dtype_bytes * 2 * (tp - 1) / tp / NVLINK_BYTES_PER_S
+    # Fixed per-step costs (launches, scheduling) do not split; half the intercept is taken as such.
+    pa = base.prefill.a * (0.5 + 0.5 * f) + lat
+    prefill = Line3(pa, base.prefill.b * f + comm_per_token, base.prefill.c * f)
+
+    def dec(line: Line3) -> Line3:
+        return Line3(line.a * (0.5 + 0.5 * f) + lat, line.b * f, line.c * f + comm_per_token)
+
+    mixed = None
+    if base.mixed is not None:
+        a, bp, cp, bd, cd = base.mixed
+        mixed = (a * (0.5 + 0.5 * f) + lat, bp * f + comm_per_token, cp * f, bd * f, cd * f + comm_per_token)
+    return StepCoefficients(
+        tp=tp, prefill=prefill, decode=dec(base.decode),
+        decode_large=None if base.decode_large is None else dec(base.decode_large), knee=base.knee,
+        mixed=mixed, source=f"extrapolated from TP{base.tp} {base.source}")
+
+
+def kv_capacity_tokens(model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2,
+                       memory_utilization: float = 0.9) -> int:
+    """KV-cache tokens an instance of ``tp`` GPUs holds once its weights are loaded."""
+    free = gpu.memory_bytes * tp * memory_utilization - _weight_bytes(model, dtype_bytes)
+    return max(0, int(free // model.kv_bytes_per_token(dtype_bytes)))
+
+
+def fits_in_memory(model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2) -> bool:
+    """Whether the weights fit on ``tp`` GPUs with room for at least one full-length request's KV."""
+    return kv_capacity_tokens(model, gpu, tp, dtype_bytes) >= min(model.max_position_embeddings, 4096)
+
+
+def mean_relative_error(model: StepCoefficients, steps: Sequence[StepRecord]) -> dict[str, float]:
+    """Mean relative error of ``model`` on ``steps``, per phase (for reports and benchmarks)."""
+    data = _StepData.from_records(steps, None)
+    out: dict[str, float] = {}
+    if len(data.prefill_y):
+        pred = np.array([model.prefill_time(r[1], r[2]) for r in data.prefill_x])
+        out["prefill"] = float(np.mean(np.abs(pred - data.prefill_y) / data.prefill_y))
+    if len(data.decode_y):
+        pred = np.array([model.decode_time(r[2], r[1]) for r in data.decode_x])
+        out["decode"] = float(np.mean(np.abs(pred - data.decode_y) / data.decode_y))
+    return out
+
+
+__all__ = ["StepModel", "StepCoefficients", "Line3", "NotEnoughStepsError", "quad_term", "kv_capacity_tokens",
+           "fits_in_memory", "roofline_coefficients", "extrapolate_tp", "mean_relative_error",
+           "MIN_STEPS_PER_PHASE"]

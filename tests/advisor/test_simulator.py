@@ -1,0 +1,80 @@
+"""The simulator against the closed form where the closed form is exact, and its reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from phaselens.advisor.inputs import Cluster, Slo
+from phaselens.advisor.screen import Placement, Screen
+from phaselens.advisor.simulator import Simulator
+from phaselens.advisor.step_model import StepModel
+from phaselens.advisor.workload import Workload
+from phaselens.engine.config import preset
+from phaselens.gpus import gpu_spec
+
+PROMPT = 1024
+# prefill of a 1024-token prompt: 10 ms + 1024 * 40 us = 50.96 ms (deterministic service: M/D/1)
+TABLE = {1: {"prefill": [0.010, 4.0e-5, 0.0], "decode": [0.008, 1.0e-8, 1.0e-4]}}
+
+
+@pytest.fixture
+def setup():
+    model = StepModel.from_table(TABLE)
+    wl = Workload.from_arrays(1.0, [PROMPT] * 10, [64] * 10)
+    slo = Slo(ttft_s=10.0, tpot_s=1.0)
+    cluster = Cluster(gpus=2, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"),
+                      kv_link_gbps=1e6, tp_degrees=(1,))
+    return model, wl, slo, cluster
+
+
+def test_md1_prefill_queue_matches_pollaczek_khinchine(setup):
+    model, wl, slo, cluster = setup
+    service = 0.010 + 4.0e-5 * PROMPT
+    rate = 0.3 / service  # utilisation 0.3: light load
+    pl = Placement("split", n_p=1, tp_p=1, n_d=1, tp_d=1)
+    means = []
+    for seed in range(3):
+        sim = Simulator(model, wl, slo, cluster, pl, n_requests=4000, seed=seed, prefill_max_batch=1)
+        means.append(float(np.mean(sim.run(rate).ttft)))
+    simulated = float(np.mean(means))
+    closed = Screen(model, wl, slo, cluster).prefill_mean_ttft(1, rate)
+    # M/D/1: W = rho * D / (2 (1 - rho)); TTFT = W + D
+    assert closed == pytest.approx(service + 0.3 * service / (2 * 0.7), rel=1e-9)
+    assert simulated == pytest.approx(closed, rel=0.05)
+
+
+def test_light_load_decode_step_matches_littles_law(setup):
+    model, wl, slo, cluster = setup
+    rate = 2.0
+    pl = Placement("split", n_p=1, tp_p=1, n_d=1, tp_d=1)
+    res = Simulator(model, wl, slo, cluster, pl, n_requests=3000, seed=0, prefill_max_batch=1).run(rate)
+    details = Screen(model, wl, slo, cluster).decode_eval(1, rate, local=None, chunk=None)[2]
+    # the mean decode step (ITL weighted per step) against the Little's-law fixed point
+    steps = res.step_s
+    assert float(np.mean(steps)) == pytest.approx(details["step_s"], rel=0.05)
+    assert float(np.nanmean(res.tpot)) == pytest.approx(details["tpot_mean_s"], rel=0.05)
+
+
+def test_same_seed_same_result_other_seed_differs(setup):
+    model, wl, slo, cluster = setup
+    wl = Workload.from_spec("rate=5,prompt=lognormal:800:0.8,output=lognormal:100:0.7")
+    pl = Placement("colocated", n_d=2, tp_d=1, chunk=512)
+    a = Simulator(model, wl, slo, cluster, pl, n_requests=400, seed=7).run(6.0)
+    b = Simulator(model, wl, slo, cluster, pl, n_requests=400, seed=7).run(6.0)
+    c = Simulator(model, wl, slo, cluster, pl, n_requests=400, seed=8).run(6.0)
+    np.testing.assert_array_equal(a.ttft, b.ttft)
+    np.testing.assert_array_equal(a.tpot, b.tpot)
+    assert not np.array_equal(a.ttft, c.ttft)
+    assert a.finished == a.total == 400
+
+
+def test_overload_misses_the_slo(setup):
+    model, wl, _, cluster = setup
+    slo = Slo(ttft_s=0.5, tpot_s=0.05)
+    pl = Placement("split", n_p=1, tp_p=1, n_d=1, tp_d=1)
+    service = 0.010 + 4.0e-5 * PROMPT
+    res = Simulator(model, wl, slo, cluster, pl, n_requests=500, seed=0).run(3.0 / service)
+    assert not res.meets_slo
+    ok = Simulator(model, wl, slo, cluster, pl, n_requests=500, seed=0).run(0.2 / service)
+    assert ok.meets_slo and ok.joint_attainment > 0.95
