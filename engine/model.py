@@ -70,10 +70,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [T, heads, head_dim]`` rotated by the angles of ``positions [T]``."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, 1, head_dim]`` of ``positions [T]``, looked up once per forward."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x [T, heads, head_dim]`` rotated (HF's ``rotate_half`` layout)."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -96,22 +99,22 @@ class Attention(nn.Module):
         self.qkv_proj = _param(self.q_size + 2 * self.kv_size, config.hidden_size, device=device, dtype=dtype)
         self.o_proj = _param(config.hidden_size, self.q_size, device=device, dtype=dtype)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor,
-             rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
         q, k, v = F.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(t, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions)
+        q = Rotary.apply(q.view(t, self.num_heads, self.head_dim), *rope)
+        k = Rotary.apply(k.view(t, self.num_kv_heads, self.head_dim), *rope)
         return q, k, v.view(t, self.num_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, rotary)
+        q, k, v = self._qkv(x, rope)
         out = paged_attention(q, k, v, kv_cache[self.layer, 0], kv_cache[self.layer, 1], meta, self.scale)
         return F.linear(out.reshape(x.shape[0], self.q_size), self.o_proj)
 
-    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, rotary)
+    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self._qkv(x, rope)
         out = dense_attention(q, k, v, self.scale)
         return F.linear(out.reshape(x.shape[0], self.q_size), self.o_proj)
 
@@ -203,8 +206,9 @@ class LlamaModel(nn.Module):
         ``kv_cache``: ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
         """
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary.angles(positions)
         for layer in self.layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), positions, self.rotary, meta, kv_cache)
+            x = x + layer.self_attn(layer.input_layernorm(x), rope, meta, kv_cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
@@ -218,8 +222,9 @@ class LlamaModel(nn.Module):
         """Reference: float32 logits ``[L, vocab]`` of one whole sequence, full recompute, no cache."""
         positions = torch.arange(input_ids.shape[0], device=input_ids.device)
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary.angles(positions)
         for layer in self.layers:
-            x = x + layer.self_attn.forward_dense(layer.input_layernorm(x), positions, self.rotary)
+            x = x + layer.self_attn.forward_dense(layer.input_layernorm(x), rope)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.compute_logits(self.norm(x))
 

@@ -1,0 +1,156 @@
+"""Engine step times of one preset on one device: a prefill chunk, and decode at batch 1 and 64.
+
+Each step is what :meth:`LLMEngine.step` runs (pack the inputs, model forward over the paged cache, sample,
+read the sampled ids back), timed from the host after a synchronize, plus the GPU time of the forward and
+sampling from CUDA events around them. Warm-up steps are not timed; the median of ``--iters`` is reported.
+FLOPs and bytes come from the shim's analytic step cost (serving_shim/cost.py); TFLOP/s and GB/s are set
+against the GPU's datasheet peaks (phaselens/gpus.py). The KV cache is filled with random values, not
+zeros (zeros can make kernels look faster than real data does).
+
+    eval "$(bash bench/devpath.sh)"; python3 bench/engine_steps.py --preset llama-3.1-8b --device cuda:0
+
+Prints a table and appends it to bench/RESULTS.md (``--results FILE`` to write elsewhere).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import torch
+
+from phaselens.engine.config import preset
+from phaselens.engine.model import LlamaModel
+from phaselens.engine.model_runner import ModelRunner
+from phaselens.engine.sampling_params import SamplingParams
+from phaselens.engine.scheduler import ScheduledSeq, SchedulerOutput
+from phaselens.engine.sequence import Sequence
+from phaselens.gpus import find_gpu_spec
+from phaselens.serving_shim.cost import step_cost
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class Case:
+    """A step of ``batch`` sequences, each computing ``tokens`` tokens after ``context`` cached ones."""
+
+    def __init__(self, label: str, batch: int, tokens: int, context: int) -> None:
+        self.label, self.batch, self.tokens, self.context = label, batch, tokens, context
+
+    def build(self, next_block: int, bs: int, vocab: int,
+              gen: torch.Generator) -> tuple[SchedulerOutput, int]:
+        out = SchedulerOutput()
+        prefill = self.tokens > 1 or self.context == 0
+        for i in range(self.batch):
+            total = self.context + self.tokens
+            ids = torch.randint(0, vocab, (total,), generator=gen).tolist()
+            seq = Sequence(f"{self.label}-{i}", ids, SamplingParams(max_tokens=1), 0)
+            nb = -(-total // bs)
+            seq.block_table = list(range(next_block, next_block + nb))
+            next_block += nb
+            seq.num_computed_tokens = self.context
+            out.scheduled.append(ScheduledSeq(seq, self.tokens, self.context, prefill))
+        return out, next_block
+
+
+def _time_case(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, warmup: int,
+               iters: int) -> tuple[float, float]:
+    """Median host step seconds and median device seconds (forward + sampling) of one step."""
+    host, device = [], []
+    for i in range(warmup + iters):
+        _sync(dev)
+        t0 = time.perf_counter()
+        inputs = runner.prepare(out)
+        if dev.type == "cuda":
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+        sampled = runner.run(out, inputs)
+        if dev.type == "cuda":
+            ev1.record()
+        sampled.tolist()
+        t1 = time.perf_counter()
+        if i >= warmup:
+            host.append(t1 - t0)
+            device.append(ev0.elapsed_time(ev1) / 1e3 if dev.type == "cuda" else t1 - t0)
+    return statistics.median(host), statistics.median(device)
+
+
+@click.command()
+@click.option("--preset", "preset_name", default="llama-3.1-8b", show_default=True)
+@click.option("--device", default="cuda:0", show_default=True)
+@click.option("--prefill", default=2048, show_default=True, type=click.IntRange(1),
+              help="Prefill chunk tokens.")
+@click.option("--context", default=1024, show_default=True, type=click.IntRange(0), help="Decode context.")
+@click.option("--batches", default="1,64", show_default=True, help="Decode batch sizes.")
+@click.option("--block-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--iters", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--results", default=str(RESULTS), show_default=True, help="Markdown file to append to.")
+@click.option("--no-results", is_flag=True, help="Print only.")
+def main(preset_name: str, device: str, prefill: int, context: int, batches: str, block_size: int,
+         warmup: int, iters: int, results: str, no_results: bool) -> None:
+    """Time the engine's prefill and decode steps and print ms, TFLOP/s and GB/s against the GPU's peaks."""
+    cfg = preset(preset_name)
+    dev = torch.device(device)
+    try:
+        batch_sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{batches!r}: expected comma-separated integers", param_hint="'--batches'")
+    cases = [Case(f"prefill {prefill}", 1, prefill, 0),
+             Case(f"prefill {prefill} after {prefill}", 1, prefill, prefill)]
+    cases += [Case(f"decode b={b} ctx={context}", b, 1, context) for b in batch_sizes]
+    blocks = sum(c.batch * -(-(c.context + c.tokens) // block_size) for c in cases)
+    max_pos = max(c.context + c.tokens for c in cases) + 1
+    model = LlamaModel.random(cfg, dev, seed=0, max_positions=max_pos)
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    kv = torch.empty(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, device=dev,
+                     dtype=model.dtype).normal_(0.0, 1.0)
+    runner = ModelRunner(model, kv, block_size)
+    gen = torch.Generator().manual_seed(0)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    spec = find_gpu_spec(name) if dev.type == "cuda" else None
+    rows = []
+    next_block = 0
+    for case in cases:
+        out, next_block = case.build(next_block, block_size, cfg.vocab_size, gen)
+        host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
+        flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
+        rows.append((case, host_s, dev_s, flops, nbytes))
+    peak_f = spec.peak_bf16_flops if spec else None
+    peak_b = spec.peak_dram_bytes_per_s if spec else None
+    header = ("| step | tokens | step ms (host) | GPU ms | TFLOP/s | MFU | GB/s | MBU |\n"
+              "|---|---|---|---|---|---|---|---|")
+    lines = []
+    for case, host_s, dev_s, flops, nbytes in rows:
+        tf, gb = flops / dev_s / 1e12, nbytes / dev_s / 1e9
+        mfu = f"{flops / dev_s / peak_f:.1%}" if peak_f else "n/a"
+        mbu = f"{nbytes / dev_s / peak_b:.1%}" if peak_b else "n/a"
+        lines.append(f"| {case.label} | {case.batch * case.tokens} | {host_s * 1e3:.2f} | "
+                     f"{dev_s * 1e3:.2f} | {tf:.1f} | {mfu} | {gb:.0f} | {mbu} |")
+    peaks = (f"peaks {peak_f / 1e12:.0f} TFLOP/s bf16 dense, {peak_b / 1e12:.2f} TB/s "
+             "(datasheet, phaselens/gpus.py)" if spec and peak_f and peak_b else "no GPU peak figures")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    entry = "\n".join([
+        f"\n## {when}: engine step times, {cfg.name} ({model.dtype}) on {name}",
+        f"machine: {platform.node()}, {name}, torch {torch.__version__}; {peaks}. Median of {iters} steps "
+        f"after {warmup} warm-up; torch reference paged attention, eager mode.",
+        f"command: `python3 bench/engine_steps.py --preset {preset_name} --device {device} "
+        f"--prefill {prefill} --context {context} --batches {batches}`",
+        "", header, *lines, ""])
+    click.echo(entry)
+    if not no_results:
+        with open(results, "a") as f:
+            f.write(entry)
+
+
+if __name__ == "__main__":
+    main()
