@@ -5,10 +5,8 @@ output token, end-to-end), and republishes the workers' engine counters (queue, 
 usage, prefix hits, tokens and step time by phase) from their step reports. Histograms use the
 OpenTelemetry GenAI bucket boundaries (``catalogue.GENAI_*``).
 
-Names and types come from ``exporters/catalogue.py``. The issue asks for more engine metrics than the
-catalogue lists today; those are specified in :data:`PROPOSED` below with the catalogue's own
-``MetricSpec`` and conventions, to be moved into the catalogue by its owner (the test
-``tests/engine/test_server_metrics.py`` fails if a name here ever disagrees with a catalogue entry).
+Names, types, labels and buckets come from ``exporters/catalogue.py`` (``catalogue.by_producer("engine")``),
+the one list of names; nothing here repeats them.
 """
 
 from __future__ import annotations
@@ -20,79 +18,20 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from phaselens.exporters import catalogue
-from phaselens.exporters.catalogue import ENGINE_LABELS, MetricSpec
-
-# OpenTelemetry GenAI semantic conventions, "Metric: gen_ai.server.request.duration": advised boundaries.
-GENAI_REQUEST_DURATION_BUCKETS_S: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
-                                                       5.12, 10.24, 20.48, 40.96, 81.92)
-
-
-def _engine(name: str, type_: str, unit: str, help_: str, labels: tuple[str, ...],
-            buckets: tuple[float, ...] = (), otel_name: str = "") -> MetricSpec:
-    return MetricSpec(name, type_, unit, help_, labels, "engine", buckets, otel_name)
-
-
-_W = ENGINE_LABELS + ("worker",)
-
-#: Engine metrics the issue needs and the catalogue does not list yet (same conventions as the catalogue).
-PROPOSED: tuple[MetricSpec, ...] = (
-    _engine("phaselens_engine_time_per_output_token_seconds", "histogram", "seconds",
-            "Per request: (finish - first token) / (output tokens - 1), the TPOT of SLOs.", ENGINE_LABELS,
-            buckets=catalogue.GENAI_TPOT_BUCKETS_S),
-    _engine("phaselens_engine_request_duration_seconds", "histogram", "seconds",
-            "Time from request arrival to its last token (end-to-end latency).", ENGINE_LABELS,
-            buckets=GENAI_REQUEST_DURATION_BUCKETS_S, otel_name="gen_ai.server.request.duration"),
-    _engine("phaselens_engine_requests_total", "counter", "",
-            "Finished requests by status (ok, error, aborted).", ENGINE_LABELS + ("status",)),
-    _engine("phaselens_engine_requests_rejected_total", "counter", "",
-            "Requests refused at the door, by reason (bad_request, queue_full, no_worker).",
-            ENGINE_LABELS + ("reason",)),
-    _engine("phaselens_engine_requests_waiting", "gauge", "",
-            "Requests queued in a worker's scheduler, not yet running.", _W),
-    _engine("phaselens_engine_requests_running", "gauge", "",
-            "Requests a worker is running (prefilling or decoding).", _W),
-    _engine("phaselens_engine_prefix_cache_hit_ratio", "gauge", "ratio",
-            "Prompt tokens served from the prefix cache over prompt tokens looked up, since start.", _W),
-    _engine("phaselens_engine_prefix_cache_hit_tokens_total", "counter", "tokens",
-            "Prompt tokens served from the prefix cache.", _W),
-    _engine("phaselens_engine_prefix_cache_query_tokens_total", "counter", "tokens",
-            "Prompt tokens looked up in the prefix cache.", _W),
-    _engine("phaselens_engine_preemptions_total", "counter", "",
-            "Requests preempted because the KV cache ran out.", _W),
-    _engine("phaselens_engine_tokens_total", "counter", "tokens",
-            "Tokens processed by engine steps, by step phase and token kind (prefill or decode).",
-            _W + ("phase", "kind")),
-    _engine("phaselens_engine_step_duration_seconds", "histogram", "seconds",
-            "Duration of one engine step as the worker saw it, by phase.", _W + ("phase",),
-            buckets=catalogue.STEP_DURATION_BUCKETS_S),
-    _engine("phaselens_engine_workers_alive", "gauge", "", "Worker processes alive, by role.",
-            ENGINE_LABELS),
-)
-_PROPOSED_BY_NAME = {m.name: m for m in PROPOSED}
-
-
-def spec(name: str) -> MetricSpec:
-    """The catalogue's spec for ``name``, else the one proposed here; KeyError if neither has it."""
-    try:
-        return catalogue.metric(name)
-    except KeyError:
-        if name in _PROPOSED_BY_NAME:
-            return _PROPOSED_BY_NAME[name]
-        raise
 
 
 class EngineMetrics:
     """The front-end's ``phaselens_engine_*`` metrics on their own registry (thread-safe)."""
 
-    def __init__(self, model_name: str, hostname: str | None = None, registry: CollectorRegistry | None = None):
+    def __init__(self, model_name: str, hostname: str | None = None,
+                 registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.hostname = hostname or socket.gethostname()
         self.model_name = model_name
         self._lock = threading.Lock()
         #: worker id -> last cumulative counters seen (prefix hits/queries, preemptions)
         self._last: dict[str, dict[str, float]] = {}
-        kv = catalogue.metric("phaselens_engine_kv_cache_usage_ratio")
-        self.kv_usage = catalogue.create(kv, self.registry, extra_labels=("worker",))
+        self.kv_usage = self._make("phaselens_engine_kv_cache_usage_ratio")
         self.ttft = self._make("phaselens_engine_time_to_first_token_seconds")
         self.itl = self._make("phaselens_engine_inter_token_latency_seconds")
         self.tpot = self._make("phaselens_engine_time_per_output_token_seconds")
@@ -110,7 +49,7 @@ class EngineMetrics:
         self.workers_alive = self._make("phaselens_engine_workers_alive")
 
     def _make(self, name: str) -> Any:
-        return catalogue.create(spec(name), self.registry)
+        return catalogue.create(catalogue.metric(name), self.registry)
 
     def _base(self, role: str) -> dict[str, str]:
         return {"hostname": self.hostname, "model_name": self.model_name, "role": role}
@@ -167,15 +106,16 @@ class EngineMetrics:
             last = self._last.setdefault(worker, {"hits": 0.0, "queries": 0.0, "preemptions": 0.0})
             preempt = float(stats.get("num_preemptions", 0) or 0)
             # counters only move forward: the engine's totals are cumulative since it started
-            d_hits, d_queries, d_pre = hits - last["hits"], queries - last["queries"], preempt - last["preemptions"]
+            d_hits, d_queries = hits - last["hits"], queries - last["queries"]
+            d_pre = preempt - last["preemptions"]
             last.update(hits=max(hits, last["hits"]), queries=max(queries, last["queries"]),
                         preemptions=max(preempt, last["preemptions"]))
-        if d_hits > 0:
-            self.prefix_hits.labels(**labels).inc(d_hits)
-        if d_queries > 0:
-            self.prefix_queries.labels(**labels).inc(d_queries)
-        if d_pre > 0:
-            self.preemptions.labels(**labels).inc(d_pre)
+        # .labels() creates each series at 0, so a worker that never preempted still exports the counter
+        for counter, d in ((self.prefix_hits, d_hits), (self.prefix_queries, d_queries),
+                           (self.preemptions, d_pre)):
+            child = counter.labels(**labels)
+            if d > 0:
+                child.inc(d)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

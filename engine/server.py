@@ -20,9 +20,9 @@ used for Hugging Face folders::
 
     <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n ... <|assistant|>\\n
 
-one ``<|{role}|>`` line and the content, then a newline, per message; the prompt ends with ``<|assistant|>\\n``
-so the model answers as the assistant. Roles ``system``, ``developer`` (written as ``system``), ``user``,
-``assistant``; content a string or a list of ``{"type": "text"}`` parts.
+one ``<|{role}|>`` line and the content, then a newline, per message; the prompt ends with
+``<|assistant|>\\n`` so the model answers as the assistant. Roles ``system``, ``developer`` (written as
+``system``), ``user``, ``assistant``; content a string or a list of ``{"type": "text"}`` parts.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def apply_chat_template(messages: list[ChatMessage]) -> str:
     for i, msg in enumerate(messages):
         role = _ROLES.get(msg.role)
         if role is None:
-            raise _bad(f"messages[{i}].role {msg.role!r} is not supported (system, developer, user, assistant)",
+            raise _bad(f"messages[{i}].role {msg.role!r} is not supported "
+                       "(system, developer, user, assistant)",
                        param=f"messages[{i}].role")
         if msg.content is None:
             content = ""
@@ -151,7 +152,8 @@ def apply_chat_template(messages: list[ChatMessage]) -> str:
             texts = []
             for j, part in enumerate(msg.content):
                 if part.type != "text" or part.text is None:
-                    raise _bad(f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}",
+                    raise _bad(f"messages[{i}].content[{j}]: only text parts are supported, "
+                               f"got {part.type!r}",
                                param=f"messages[{i}].content")
                 texts.append(part.text)
             content = "".join(texts)
@@ -374,7 +376,8 @@ class APIServer:
             if self._awaiting_first >= self.config.max_queue:
                 self.metrics.count_rejected(role.value, "queue_full")
                 raise APIError(503, f"the server is overloaded: {self._awaiting_first} requests are waiting "
-                                    f"for their first token (--max-queue {self.config.max_queue}); retry later",
+                                    f"for their first token (--max-queue {self.config.max_queue}); "
+                                    "retry later",
                                type_="overloaded_error", code="queue_full", headers={"Retry-After": "1"})
             try:
                 state.worker = self.router.select(request_id, len(prompt_ids) + params.max_tokens, role)
@@ -419,7 +422,8 @@ class APIServer:
         stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=body.top_k, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+                                  top_k=body.top_k, seed=body.seed, stop=tuple(stop),
+                                  ignore_eos=body.ignore_eos)
         except ValueError as exc:
             raise _bad(str(exc)) from None
 
@@ -450,6 +454,7 @@ class APIServer:
             await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
         app = FastAPI(title="phaselens engine", docs_url=None, redoc_url=None, lifespan=lifespan)
+        app.add_middleware(_ArrivalStamp)
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -487,7 +492,7 @@ class APIServer:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Response:
-            arrival = time.time_ns()
+            arrival = _arrival_ns(request)
             server._check_common(body)
             unsupported = {"echo": body.echo, "logprobs": body.logprobs is not None,
                            "best_of": body.best_of not in (None, 1), "suffix": body.suffix is not None}
@@ -500,7 +505,7 @@ class APIServer:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-            arrival = time.time_ns()
+            arrival = _arrival_ns(request)
             server._check_common(body)
             if body.logprobs or body.top_logprobs:
                 raise _bad("logprobs are not supported", param="logprobs")
@@ -509,7 +514,9 @@ class APIServer:
             if body.response_format and body.response_format.get("type") != "text":
                 raise _bad("response_format other than text is not supported", param="response_format")
             ids = server.tokenizer.encode(apply_chat_template(body.messages))
-            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            max_tokens = body.max_completion_tokens
+            if max_tokens is None:
+                max_tokens = body.max_tokens
             params = server._params(body, max_tokens, len(ids), default_max=None)
             return await server._respond("chatcmpl", ids, params, body, request, arrival, chat=True)
 
@@ -532,8 +539,9 @@ class APIServer:
         status = "ok" if alive == len(workers) else ("degraded" if alive else "unavailable")
         with self._lock:
             inflight, waiting = len(self._requests), self._awaiting_first
-        body = {"status": status, "model": self.model_name, "workers": workers, "requests_in_flight": inflight,
-                "requests_awaiting_first_token": waiting, "max_queue": self.config.max_queue}
+        body = {"status": status, "model": self.model_name, "workers": workers,
+                "requests_in_flight": inflight, "requests_awaiting_first_token": waiting,
+                "max_queue": self.config.max_queue}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     # -- responses
@@ -585,7 +593,8 @@ class APIServer:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if text is not None:
                     delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             payload = {"id": state.request_id, "object": obj, "created": created, "model": model,
@@ -601,15 +610,14 @@ class APIServer:
             item = first
             while True:
                 if item[0] == "tokens":
-                    delta = stream.add(item[1])
-                    if delta:
-                        yield chunk(delta, None)
+                    # one chunk per engine step, even when the text is held back (an incomplete UTF-8
+                    # character, a possible stop string): clients time tokens by chunks
+                    yield chunk(stream.add(item[1]), None)
                 elif item[0] == "finish":
+                    # text held back until now rides on the finishing chunk: no chunk without a token
                     tail = stream.finish(item[2])
                     finished = True
-                    if tail:
-                        yield chunk(tail, None)
-                    yield chunk(None if chat else "", item[1])
+                    yield chunk(tail or (None if chat else ""), item[1])
                     if include_usage:
                         yield _sse_line({"id": state.request_id, "object": obj, "created": created,
                                          "model": model, "choices": [], "usage": _usage(state)})
@@ -634,6 +642,23 @@ class APIServer:
             obj = "text_completion"
         return {"id": state.request_id, "object": obj, "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": _usage(state)}
+
+
+class _ArrivalStamp:
+    """ASGI middleware: stamps each HTTP request's arrival (wall-clock ns) before its body is read, so TTFT
+    includes reading, parsing and validating the body, as the client sees it."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrival_ns"] = time.time_ns()
+        await self.app(scope, receive, send)
+
+
+def _arrival_ns(request: Request) -> int:
+    return getattr(request.state, "arrival_ns", None) or time.time_ns()
 
 
 def _usage(state: RequestState) -> dict[str, Any]:
@@ -687,4 +712,3 @@ class _TextStream:
             return ""
         delta, self.text = final_text[len(self.text):], final_text
         return delta
-

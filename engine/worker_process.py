@@ -268,7 +268,8 @@ class WorkerProcess:
         self.process = self._ctx.Process(target=worker_main, args=(self.config, self.commands, self.events),
                                          name=f"phaselens-worker-{self.worker_id}", daemon=True)
         self.process.start()
-        self._reader = threading.Thread(target=self._read_events, name=f"events-{self.worker_id}", daemon=True)
+        self._reader = threading.Thread(target=self._read_events, name=f"events-{self.worker_id}",
+                                        daemon=True)
         self._reader.start()
 
     def wait_ready(self, timeout_s: float) -> protocol.WorkerReady:
@@ -292,8 +293,9 @@ class WorkerProcess:
         return None if self.process is None else self.process.pid
 
     def send(self, cmd: Any) -> None:
-        """Queue a command (never blocks: the queue's feeder thread writes it)."""
-        self.commands.put(cmd)
+        """Queue a command (never blocks: the queue's feeder thread writes it); dropped once stopped."""
+        if self.commands is not None:
+            self.commands.put(cmd)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it has not after ``timeout_s``."""
@@ -309,8 +311,13 @@ class WorkerProcess:
             self.process.join(timeout_s)
         if self._reader is not None:
             self._reader.join(timeout_s)
-        self.commands.cancel_join_thread()
-        self.events.cancel_join_thread()
+        # close and drop the queues now: their semaphores are unregistered when the queues are collected,
+        # which at interpreter exit never happens (the resource tracker then warns about "leaked" ones)
+        for q in (self.commands, self.events):
+            if q is not None:
+                q.cancel_join_thread()
+                q.close()
+        self.commands = self.events = None
 
     # -- the reader thread
 

@@ -159,7 +159,8 @@ def test_dead_worker_fails_its_requests_and_health_reports_it() -> None:
     with LiveServer(tiny_workers(2)) as srv:
         long = {"model": "tiny", "prompt": "z" * 100, "max_tokens": 1500, "ignore_eos": True}
         pids = {wid: w.pid for wid, w in srv.api.workers.items()}
-        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+        url = f"{srv.url}/v1/completions"
+        with httpx.stream("POST", url, json={**long, "stream": True}, timeout=60) as r:
             lines = r.iter_lines()
             rid = json.loads(next(ln for ln in lines if ln.startswith("data: "))[6:])["id"]
             victim = srv.api.router.worker_of(rid)

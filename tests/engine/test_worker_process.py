@@ -50,7 +50,8 @@ def test_fake_worker_serves_aborts_and_reports() -> None:
         assert deltas[-1].num_prompt_tokens == 3
         # a too-long prompt is refused by the engine with its own message
         w.send(protocol.AddRequest("r2", [1] * 300, SamplingParams(max_tokens=1), arrival_ns=1))
-        ev = wait_for(lambda: next((e for e in iter_events(rec) if isinstance(e, protocol.RequestRejected)), None),
+        ev = wait_for(lambda: next((e for e in iter_events(rec)
+                                    if isinstance(e, protocol.RequestRejected)), None),
                       what="RequestRejected")
         assert ev.request_id == "r2" and "context" in ev.message
     finally:
@@ -97,9 +98,11 @@ def test_real_engine_worker_generates_and_frees_kv_on_abort() -> None:
         deltas = rec.outputs("a", timeout_s=60)
         assert sum(len(d.new_token_ids) for d in deltas) == 4 and deltas[-1].finish_reason == "length"
         # a long request, aborted after its first tokens: the engine's KV usage goes back to zero
-        w.send(protocol.AddRequest("b", list(range(1, 200)), SamplingParams(max_tokens=1500, ignore_eos=True), 1))
+        long = SamplingParams(max_tokens=1500, ignore_eos=True)
+        w.send(protocol.AddRequest("b", list(range(1, 200)), long, 1))
         first = wait_for(lambda: next((e for e in iter_events(rec) if isinstance(e, protocol.StepReport)
-                                       and e.outputs and e.stats["kv_usage"] > 0), None), what="request b running")
+                                       and e.outputs and e.stats["kv_usage"] > 0), None),
+                         what="request b running")
         assert first.phase in ("prefill", "decode", "mixed") and first.step_seconds > 0
         w.send(protocol.AbortRequest("b"))
         wait_for(lambda: next((e for e in iter_events(rec) if isinstance(e, protocol.StatsReport)
