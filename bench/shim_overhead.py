@@ -98,13 +98,22 @@ def _run_once(engine, prompts, max_tokens: int, tag: str) -> tuple[float, int, i
     _sync(engine.config.device)
     t0 = time.perf_counter()
     out_tokens = steps = 0
+    step_ms: dict[str, list[float]] = {}
+    counts = dict(engine.steps_by_phase)
     while engine.has_unfinished_requests():
-        out_tokens += sum(len(o.new_token_ids) for o in engine.step())
+        ts = time.perf_counter()
+        out_tokens += sum(len(o.new_token_ids) for o in engine.step())  # its .tolist() waits for the GPU
+        te = time.perf_counter()
         steps += 1
+        phase = next((p for p, n in engine.steps_by_phase.items() if n != counts[p]), None)
+        counts = dict(engine.steps_by_phase)
+        if phase is not None:
+            step_ms.setdefault(phase.value, []).append((te - ts) * 1e3)
     _sync(engine.config.device)
     elapsed = time.perf_counter() - t0
     per_phase = {p.value: (engine.steps_by_phase[p] - steps_before[p],
                            engine.step_seconds_by_phase[p] - secs_before[p]) for p in engine.steps_by_phase}
+    per_phase["step_ms"] = step_ms
     return elapsed, out_tokens, steps, per_phase
 
 
@@ -233,6 +242,17 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
         summary[mode] = {"out_tok_s_median": statistics.median(rates), "out_tok_s": rates,
                          "vs_disabled": statistics.median(ratios), "vs_disabled_rounds": ratios,
                          "steps": steps, **stats[mode], "shim_us_per_step": shim_us[mode]}
+    # Per-step wall time (engine.step(), its host sync included) by phase: the median over hundreds of steps
+    # resolves tens of microseconds where whole-run tokens/s, swayed by a few slow steps, does not.
+    step_med: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        pooled: dict[str, list[float]] = {}
+        for _, _, _, per_phase in runs[mode]:
+            for p, v in per_phase["step_ms"].items():
+                pooled.setdefault(p, []).extend(v)
+        step_med[mode] = {p: statistics.median(v) for p, v in pooled.items()}
+        summary[mode]["step_ms_median"] = step_med[mode]
+        summary[mode]["step_count"] = {p: len(v) for p, v in pooled.items()}
     phase_ms = {}
     for p, (n, secs) in _phase_totals(runs["disabled"]).items():
         if n:
@@ -256,6 +276,16 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
         lines.append(f"| {mode} | {s['out_tok_s_median']:.1f} | {lo_hi} "
                      f"| {s['vs_disabled'] * 100:+.1f}% | {s['steps']} | {s['sent']} | {s['dropped']} "
                      f"| {s['shim_us_per_step']:.1f} |")
+    phases = [p for p in ("prefill", "mixed", "decode") if p in step_med["disabled"]]
+    lines += ["", "| shim | " + " | ".join(f"{p} step ms (median, n)" for p in phases)
+              + " | " + " | ".join(f"{p} vs disabled" for p in phases) + " |",
+              "|---" * (1 + 2 * len(phases)) + "|"]
+    for mode in MODES:
+        med, base_med = step_med[mode], step_med["disabled"]
+        cells = [f"{med[p]:.3f} ({summary[mode]['step_count'][p]})" for p in phases]
+        cells += [f"{(med[p] - base_med[p]) * 1e3:+.0f} us ({(med[p] / base_med[p] - 1) * 100:+.2f}%)"
+                  for p in phases]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", "- host step time per phase (engine's perf_counter, disabled shim): "
               + ", ".join(f"{p} {ms:.2f} ms" for p, ms in phase_ms.items()),
               "- GPU step time per phase as the listener received it (median, clock "
@@ -279,7 +309,10 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
 def _phase_totals(runs: list[tuple[float, int, int, dict]]) -> dict[str, tuple[int, float]]:
     tot: dict[str, tuple[int, float]] = {}
     for _, _, _, per_phase in runs:
-        for p, (n, secs) in per_phase.items():
+        for p, val in per_phase.items():
+            if p == "step_ms":
+                continue
+            n, secs = val
             a, b = tot.get(p, (0, 0.0))
             tot[p] = (a + n, b + secs)
     return tot
