@@ -72,6 +72,9 @@ class Cluster:
     #: KV admission high watermark of decode workers (share of KV capacity)
     kv_high_watermark: float = 0.9
     tp_degrees: tuple[int, ...] = field(default=())
+    #: latency every request pays before its first token outside the engine's steps (HTTP, tokenization,
+    #: scheduling, returning the token): added to TTFT
+    ttft_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or self.gpus < 1:
@@ -82,6 +85,8 @@ class Cluster:
             raise InputError(f"KV link bandwidth must be > 0 Gb/s, got {self.kv_link_gbps!r}")
         if self.price_per_gpu_hour < 0:
             raise InputError(f"price per GPU-hour must be >= 0, got {self.price_per_gpu_hour!r}")
+        if not (0 <= self.ttft_overhead_s < 60):
+            raise InputError(f"TTFT overhead must be in [0, 60) s, got {self.ttft_overhead_s!r}")
         for tp in self.tp_degrees:
             if tp < 1 or tp > self.gpus_per_node:
                 raise InputError(f"TP degree {tp} must be between 1 and the GPUs per node ({self.gpus_per_node})")

@@ -176,14 +176,15 @@ class Screen:
         s = self.prefill_service(tp, mask)
         m = slice(None) if mask is None else mask
         w, rho = self._wait_samples(rate * share, s, self.u[m], self.e[m])
-        ttft = w + s
+        ttft = w + s + self.cluster.ttft_overhead_s
         return float(np.quantile(ttft, self.q_ttft)), {"prefill_utilization": rho,
                                                         "ttft_mean_s": float(ttft.mean())}
 
     def prefill_mean_ttft(self, tp: int, rate: float) -> float:
         """Exact mean TTFT of the M/G/1 prefill queue (Pollaczek-Khinchine), for the simulator check."""
         s = self.prefill_service(tp)
-        return pk_mean_wait(rate, float(s.mean()), float((s * s).mean())) + float(s.mean())
+        return (pk_mean_wait(rate, float(s.mean()), float((s * s).mean())) + float(s.mean())
+                + self.cluster.ttft_overhead_s)
 
     def decode_eval(self, tp: int, rate: float, *, local: np.ndarray | None, chunk: int | None
                     ) -> tuple[float, float, dict[str, Any]]:
@@ -266,7 +267,7 @@ class Screen:
             w, rho = self._wait_samples(rate * share, s, self.u[local_mask], self.e[local_mask])
             if rho >= 1:
                 return math.inf, tpot_q, {**details, "limit": "colocated prefill queue"}
-            ttft = w + s
+            ttft = w + s + cl.ttft_overhead_s
             ttft_q = float(np.quantile(ttft, self.q_ttft))
             details["prefill_utilization"] = rho
             details["ttft_mean_s"] = float(ttft.mean())

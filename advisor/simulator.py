@@ -439,7 +439,7 @@ class Simulator:
         r = self.reqs
         first = np.asarray(r.first)
         finish = np.asarray(r.finish)
-        ttft = np.where(np.isnan(first), math.inf, first - arrival)
+        ttft = np.where(np.isnan(first), math.inf, first - arrival + self.cluster.ttft_overhead_s)
         steps = out - 1.0
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out <= 1, math.nan, (finish - first) / np.maximum(steps, 1))
