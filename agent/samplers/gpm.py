@@ -1,0 +1,147 @@
+"""NVML GPM sampler: SM active, SM occupancy, tensor active, DRAM active, FP16 (ratios 0..1).
+
+Each poll takes a GPM sample and asks NVML for the metrics between it and the previous poll's sample, so a
+value is the delta since the previous poll (DESIGN.md, "Trace format"). GPM refreshes its counters about
+every 100 ms; between refreshes two samples hold the same data and NVML computes DRAM bandwidth as 0/0 (NaN,
+seen on the H100, bench/attribution_accuracy.py): such a poll is "not updated" and every value is ``None``.
+An idle GPU's refresh reads small finite numbers, so it is not confused with "not updated".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, mark_lost, select_gpus
+from phaselens.agent.samplers.nvml_common import enumerate_gpus, is_lost, load_nvml
+from phaselens.trace import SampleRecord
+
+log = logging.getLogger(__name__)
+
+#: canonical key -> name of the pynvml metric-id constant (values are percent)
+GPM_FIELDS = {
+    "sm_active": "NVML_GPM_METRIC_SM_UTIL",
+    "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY",
+    "tensor_active": "NVML_GPM_METRIC_ANY_TENSOR_UTIL",
+    "dram_active": "NVML_GPM_METRIC_DRAM_BW_UTIL",
+    "fp16_active": "NVML_GPM_METRIC_FP16_UTIL",
+}
+#: the metric whose NaN marks a poll that saw no refresh
+_UPDATE_MARKER = "dram_active"
+
+
+class GpmSampler:
+    """Polls NVML GPM on every GPU it was given (all by default, matched by UUID).
+
+    ``nvml`` is the pynvml module or a fake (tests); ``clock`` returns wall-clock ns.
+    ValueError at construction for a GPU UUID that is not here; GPUs without GPM support are logged and left out.
+    """
+
+    name = "gpm"
+
+    def __init__(self, nvml: Any = None, uuids: list[str] | None = None,
+                 clock: Callable[[], int] = time.time_ns):
+        self.nvml = load_nvml(nvml)
+        self.clock = clock
+        self.skipper = FieldSkipper(self.name)
+        self.nvml.nvmlInit()
+        gpus = select_gpus(enumerate_gpus(self.nvml), uuids, self.name)
+        self.gpus: list[SampledGpu] = []
+        self._buffers: dict[str, list[Any]] = {}
+        self._current: dict[str, int] = {}
+        self._primed: dict[str, bool] = {}
+        for gpu in gpus:
+            try:
+                supported = self.nvml.nvmlGpmQueryDeviceSupport(gpu.handle).isSupportedDevice
+            except self.nvml.NVMLError as exc:
+                supported, why = 0, str(exc)
+            else:
+                why = "the driver says GPM is not supported on this GPU"
+            if not supported:
+                log.warning("gpm sampler: GPU %s (%s) left out: %s", gpu.uuid, gpu.name, why)
+                continue
+            self.gpus.append(gpu)
+            self._buffers[gpu.uuid] = [self.nvml.nvmlGpmSampleAlloc(), self.nvml.nvmlGpmSampleAlloc()]
+            self._current[gpu.uuid] = 0
+            self._primed[gpu.uuid] = False
+        self._ids = {key: getattr(self.nvml, const) for key, const in GPM_FIELDS.items()
+                     if hasattr(self.nvml, const)}
+
+    @property
+    def failed(self) -> list[SampledGpu]:
+        return [g for g in self.gpus if g.failed]
+
+    def sample(self) -> list[SampleRecord]:
+        """One GPM delta per live GPU; values ``None`` when the counters had not refreshed."""
+        out = []
+        for gpu in self.gpus:
+            if gpu.failed:
+                continue
+            rec = self._sample_one(gpu)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def _sample_one(self, gpu: SampledGpu) -> SampleRecord | None:
+        nv = self.nvml
+        bufs = self._buffers[gpu.uuid]
+        cur = self._current[gpu.uuid]
+        nxt = 1 - cur
+        t0 = self.clock()
+        try:
+            nv.nvmlGpmSampleGet(gpu.handle, bufs[nxt])
+        except nv.NVMLError as exc:
+            if is_lost(nv, exc):
+                mark_lost(self.name, gpu, str(exc))
+            else:
+                log.warning("gpm sampler: sample of %s failed: %s", gpu.uuid, exc)
+            return None
+        t = (t0 + self.clock()) // 2
+        self._current[gpu.uuid] = nxt
+        if not self._primed[gpu.uuid]:
+            self._primed[gpu.uuid] = True  # the first sample only starts the first delta
+            return None
+        keys = [k for k in self._ids if k not in gpu.unsupported]
+        mg = nv.c_nvmlGpmMetricsGet_t()
+        mg.version = nv.NVML_GPM_METRICS_GET_VERSION
+        mg.numMetrics = len(keys)
+        mg.sample1 = bufs[cur]
+        mg.sample2 = bufs[nxt]
+        for i, key in enumerate(keys):
+            mg.metrics[i].metricId = self._ids[key]
+        try:
+            nv.nvmlGpmMetricsGet(mg)
+        except nv.NVMLError as exc:
+            if is_lost(nv, exc):
+                mark_lost(self.name, gpu, str(exc))
+            else:
+                log.warning("gpm sampler: metrics of %s failed: %s", gpu.uuid, exc)
+            return None
+        values: dict[str, float | None] = {}
+        for i, key in enumerate(keys):
+            metric = mg.metrics[i]
+            if metric.nvmlReturn != nv.NVML_SUCCESS:
+                self.skipper.skip(gpu, key, f"nvmlReturn {metric.nvmlReturn}")
+                continue
+            values[key] = float(metric.value)
+        marker = values.get(_UPDATE_MARKER)
+        if marker is not None and math.isnan(marker):
+            return SampleRecord(gpu_uuid=gpu.uuid, source=self.name, t_ns=t, values={k: None for k in values})
+        ratios = {k: (None if math.isnan(v) else min(1.0, max(0.0, v / 100.0))) for k, v in values.items()
+                  if v is not None}
+        return SampleRecord(gpu_uuid=gpu.uuid, source=self.name, t_ns=t, values=ratios)
+
+    def close(self) -> None:
+        for bufs in self._buffers.values():
+            for buf in bufs:
+                try:
+                    self.nvml.nvmlGpmSampleFree(buf)
+                except self.nvml.NVMLError:
+                    pass  # shutting down: a lost GPU's buffers cannot be freed any more
+        self._buffers.clear()
+        try:
+            self.nvml.nvmlShutdown()
+        except self.nvml.NVMLError as exc:
+            log.debug("nvmlShutdown: %s", exc)

@@ -1,0 +1,115 @@
+"""Per-GPU timelines of steps and samples, bounded by a time horizon whatever the event rate.
+
+Records older than ``horizon_s`` (plus a margin for the attribution's offset search) are dropped as new
+ones arrive, and each GPU keeps at most ``max_steps`` steps and ``max_samples`` samples, so a flood cannot
+grow memory beyond a fixed bound (the oldest go first). Thread-safe: the receiver thread adds steps while the
+daemon loop adds samples and reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import deque
+from typing import Iterable
+
+from phaselens.trace import SampleRecord, StepRecord
+
+#: Extra history kept beyond the horizon: the offset search looks up to a few hundred ms back.
+MARGIN_S = 5.0
+
+
+class Timeline:
+    """Steps and samples of every GPU over the last ``horizon_s`` seconds."""
+
+    def __init__(self, horizon_s: float = 60.0, max_steps: int = 100_000, max_samples: int = 50_000):
+        if horizon_s <= 0:
+            raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
+        self.horizon_ns = int((horizon_s + MARGIN_S) * 1e9)
+        self.max_steps, self.max_samples = max_steps, max_samples
+        self._lock = threading.Lock()
+        self._steps: dict[str, deque[StepRecord]] = {}
+        self._samples: dict[str, deque[SampleRecord]] = {}
+        self._newest: dict[str, int] = {}
+        self.dropped_steps = 0
+        self.dropped_samples = 0
+
+    def add_step(self, step: StepRecord) -> None:
+        with self._lock:
+            q = self._steps.get(step.gpu_uuid)
+            if q is None:
+                q = self._steps[step.gpu_uuid] = deque()
+            if q and step.t0_ns < q[-1].t0_ns:
+                # out of order (two engines on one GPU, or late delivery): keep the deque sorted
+                items = list(q)
+                bisect.insort(items, step, key=lambda s: s.t0_ns)
+                q.clear()
+                q.extend(items)
+            else:
+                q.append(step)
+            self._note(step.gpu_uuid, step.t1_ns)
+            while len(q) > self.max_steps:
+                q.popleft()
+                self.dropped_steps += 1
+            self._trim_locked(step.gpu_uuid)
+
+    def add_samples(self, samples: Iterable[SampleRecord]) -> None:
+        with self._lock:
+            touched = set()
+            for s in samples:
+                q = self._samples.get(s.gpu_uuid)
+                if q is None:
+                    q = self._samples[s.gpu_uuid] = deque()
+                q.append(s)
+                self._note(s.gpu_uuid, s.t_ns)
+                while len(q) > self.max_samples:
+                    q.popleft()
+                    self.dropped_samples += 1
+                touched.add(s.gpu_uuid)
+            for uuid in touched:
+                self._trim_locked(uuid)
+
+    def _note(self, uuid: str, t: int) -> None:
+        if t > self._newest.get(uuid, 0):
+            self._newest[uuid] = t
+
+    def _trim_locked(self, uuid: str) -> None:
+        cutoff = self._newest.get(uuid, 0) - self.horizon_ns
+        steps = self._steps.get(uuid)
+        while steps and steps[0].t1_ns < cutoff:
+            steps.popleft()
+        samples = self._samples.get(uuid)
+        while samples and samples[0].t_ns < cutoff:
+            samples.popleft()
+
+    def gpus(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._steps) | set(self._samples))
+
+    def steps(self, uuid: str) -> list[StepRecord]:
+        with self._lock:
+            return list(self._steps.get(uuid, ()))
+
+    def samples(self, uuid: str) -> list[SampleRecord]:
+        with self._lock:
+            return list(self._samples.get(uuid, ()))
+
+    def steps_between(self, gpu_uuid: str, t0_ns: int, t1_ns: int) -> list[StepRecord]:
+        """Steps of ``gpu_uuid`` overlapping [t0_ns, t1_ns] (the simulated sampler's view)."""
+        with self._lock:
+            q = self._steps.get(gpu_uuid)
+            if not q:
+                return []
+            out = []
+            for s in reversed(q):  # recent windows: walk from the newest end
+                if s.t1_ns < t0_ns - 10_000_000_000:
+                    break
+                if s.t0_ns <= t1_ns and s.t1_ns >= t0_ns:
+                    out.append(s)
+            out.reverse()
+            return out
+
+    def size(self) -> tuple[int, int]:
+        """(steps, samples) held over all GPUs."""
+        with self._lock:
+            return sum(len(q) for q in self._steps.values()), sum(len(q) for q in self._samples.values())

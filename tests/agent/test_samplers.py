@@ -1,0 +1,223 @@
+"""Samplers against a fake NVML / fake dcgm-exporter: every field, NotSupported, lost GPUs, UUID matching."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from phaselens.agent.samplers.dcgm import DcgmBindingsSampler, DcgmSampler
+from phaselens.agent.samplers.gpm import GpmSampler
+from phaselens.agent.samplers.nvml import NvmlSampler
+from phaselens.agent.samplers.replay import ReplaySampler
+from phaselens.agent.samplers.simulated import H100_SIGNATURES, SimulatedGpuModel, SimulatedSampler
+from phaselens.agent.timeline import Timeline
+from phaselens.phase import Clock, Phase, Role
+from phaselens.trace import SampleRecord, StepRecord, Trace
+from tests.agent.fake_nvml import FakeGpu, FakeNvml
+
+
+class Clock_:
+    def __init__(self, t: int = 1_000_000_000_000):
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def updates(recs: list[SampleRecord]) -> list[SampleRecord]:
+    return [r for r in recs if any(v is not None for v in r.values.values())]
+
+
+# ------------------------------------------------------------------ GPM
+
+
+def test_gpm_reads_every_field_as_ratios_and_marks_polls_without_refresh() -> None:
+    nv = FakeNvml([FakeGpu("GPU-a", refresh_polls=3)])
+    s = GpmSampler(nvml=nv)
+    got = [s.sample() for _ in range(10)]  # the first only primes; refreshes at polls 3, 6, 9
+    flat = [r for batch in got for r in batch]
+    assert all(r.source == "gpm" and r.gpu_uuid == "GPU-a" for r in flat)
+    ups = updates(flat)
+    assert len(ups) == 3  # one refresh every 3 polls
+    assert ups[0].values == pytest.approx({"sm_active": 0.967, "sm_occupancy": 0.143, "tensor_active": 0.938,
+                                           "dram_active": 0.255, "fp16_active": 0.0})
+    stale = [r for r in flat if r not in ups]
+    assert stale and all(set(r.values) == set(ups[0].values) and all(v is None for v in r.values.values())
+                         for r in stale)
+
+
+def test_gpm_unsupported_metric_logged_once_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    nv = FakeNvml([FakeGpu("GPU-a", refresh_polls=1, unsupported={13})])
+    s = GpmSampler(nvml=nv)
+    with caplog.at_level(logging.WARNING):
+        recs = [r for _ in range(6) for r in s.sample()]
+    assert recs and all("fp16_active" not in r.values for r in recs)
+    assert all(r.values["sm_active"] == pytest.approx(0.967) for r in recs)
+    assert sum("fp16_active" in m for m in caplog.messages) == 1
+
+
+def test_gpm_gpu_without_support_is_left_out() -> None:
+    nv = FakeNvml([FakeGpu("GPU-old", gpm_supported=False), FakeGpu("GPU-new", refresh_polls=1)])
+    s = GpmSampler(nvml=nv)
+    assert [g.uuid for g in s.gpus] == ["GPU-new"]
+
+
+def test_gpm_gpu_that_disappears_is_marked_failed_and_the_others_go_on() -> None:
+    a, b = FakeGpu("GPU-a", refresh_polls=1), FakeGpu("GPU-b", refresh_polls=1)
+    s = GpmSampler(nvml=FakeNvml([a, b]))
+    s.sample()
+    assert {r.gpu_uuid for r in s.sample()} == {"GPU-a", "GPU-b"}
+    a.lost = True
+    got = s.sample()
+    assert {r.gpu_uuid for r in got} == {"GPU-b"}
+    assert [g.uuid for g in s.failed] == ["GPU-a"] and "GPU_IS_LOST" in s.failed[0].last_error
+    assert {r.gpu_uuid for r in s.sample()} == {"GPU-b"}
+
+
+def test_two_gpus_reordered_by_cuda_visible_devices_are_matched_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine runs with CUDA_VISIBLE_DEVICES=1,0: its cuda:0 is NVML index 1. NVML ignores the variable, so
+    # the agent must match by UUID: asking for [B, A] gives B's values under B's UUID.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    a = FakeGpu("GPU-aaaa", refresh_polls=1, gpm={2: 10.0, 3: 1.0, 5: 5.0, 10: 90.0, 13: 0.0})
+    b = FakeGpu("GPU-bbbb", refresh_polls=1, gpm={2: 99.0, 3: 20.0, 5: 95.0, 10: 20.0, 13: 0.0})
+    s = GpmSampler(nvml=FakeNvml([a, b]), uuids=["GPU-bbbb", "GPU-aaaa"])
+    assert [(g.uuid, g.index) for g in s.gpus] == [("GPU-bbbb", 1), ("GPU-aaaa", 0)]
+    s.sample()
+    by_uuid = {r.gpu_uuid: r.values for r in s.sample()}
+    assert by_uuid["GPU-bbbb"]["tensor_active"] == pytest.approx(0.95)
+    assert by_uuid["GPU-aaaa"]["tensor_active"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="GPU-cccc"):
+        GpmSampler(nvml=FakeNvml([a, b]), uuids=["GPU-cccc"])
+
+
+# ------------------------------------------------------------------ NVML
+
+
+def test_nvml_reads_every_field() -> None:
+    gpu = FakeGpu("GPU-a", util_samples=[(10, 50), (20, 60)])
+    clock = Clock_()
+    s = NvmlSampler(nvml=FakeNvml([gpu]), clock=clock)
+    first = s.sample()
+    assert len(first) == 1  # the first buffer read only sets the mark
+    assert first[0].values == pytest.approx({"gpu_util": 0.87, "mem_util": 0.41, "power_w": 612.0,
+                                             "sm_clock_hz": 1755e6, "mem_used_bytes": 40 * 1024**3})
+    gpu.util_samples.append((30, 70))
+    got = s.sample()
+    buffered = [r for r in got if r.t_ns == 30_000]
+    assert len(got) == 2 and buffered and buffered[0].values == {"gpu_util": 0.7}
+
+
+def test_nvml_not_supported_field_skipped_and_lost_gpu_marked(caplog: pytest.LogCaptureFixture) -> None:
+    a = FakeGpu("GPU-a", unsupported={"power", "samples"})
+    b = FakeGpu("GPU-b")
+    s = NvmlSampler(nvml=FakeNvml([a, b]))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            recs = {r.gpu_uuid: r.values for r in s.sample() if "gpu_util" in r.values and len(r.values) > 1}
+    assert "power_w" not in recs["GPU-a"] and recs["GPU-a"]["sm_clock_hz"] == pytest.approx(1755e6)
+    assert "power_w" in recs["GPU-b"]
+    assert sum("power_w" in m for m in caplog.messages) == 1
+    b.lost = True
+    assert {r.gpu_uuid for r in s.sample()} == {"GPU-a"}
+    assert [g.uuid for g in s.failed] == ["GPU-b"]
+
+
+# ------------------------------------------------------------------ DCGM
+
+PAGE = """# HELP DCGM_FI_PROF_SM_ACTIVE Ratio of cycles an SM has at least 1 warp assigned.
+# TYPE DCGM_FI_PROF_SM_ACTIVE gauge
+DCGM_FI_PROF_SM_ACTIVE{gpu="0",UUID="GPU-a",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-a"} 0.91
+DCGM_FI_PROF_SM_ACTIVE{gpu="1",UUID="GPU-b",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",hostname="node-a"} 0.42
+DCGM_FI_PROF_SM_ACTIVE{gpu="0",UUID="GPU-x",device="nvidia0",hostname="node-b"} 0.11
+# TYPE DCGM_FI_PROF_PIPE_TENSOR_ACTIVE gauge
+DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.85
+# TYPE DCGM_FI_PROF_DRAM_ACTIVE gauge
+DCGM_FI_PROF_DRAM_ACTIVE{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.33
+# TYPE DCGM_FI_DEV_GPU_UTIL gauge
+DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a",Hostname="node-a"} 97
+# TYPE DCGM_FI_DEV_POWER_USAGE gauge
+DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-a",Hostname="node-a"} 601.5
+# TYPE DCGM_FI_DEV_SOMETHING_NEW gauge
+DCGM_FI_DEV_SOMETHING_NEW{gpu="0",UUID="GPU-a",Hostname="node-a"} 5
+"""
+
+
+def test_dcgm_fields_both_hostname_labels_and_uuid_matching() -> None:
+    pages = [PAGE]
+    s = DcgmSampler(url="http://x:9400/metrics", hostname="node-a", http_get=lambda url, t: pages[0])
+    got = {r.gpu_uuid: r for r in s.sample()}
+    assert set(got) == {"GPU-a", "GPU-b"}  # node-b's GPU filtered out; both label spellings accepted
+    assert got["GPU-a"].source == "dcgm"
+    assert got["GPU-a"].values == pytest.approx({"sm_active": 0.91, "tensor_active": 0.85, "dram_active": 0.33,
+                                                 "gpu_util": 0.97, "power_w": 601.5})
+    only_b = DcgmSampler(url="http://x/metrics", uuids=["GPU-b"], http_get=lambda url, t: PAGE).sample()
+    assert [r.gpu_uuid for r in only_b] == ["GPU-b"]
+    # an unchanged profiling value is "not updated"
+    again = {r.gpu_uuid: r for r in s.sample()}
+    assert again["GPU-a"].values["sm_active"] is None and again["GPU-a"].values["power_w"] == 601.5
+
+
+def test_dcgm_scrape_failure_is_reported_not_raised() -> None:
+    def boom(url: str, timeout: float) -> str:
+        raise ConnectionError("connection refused")
+
+    s = DcgmSampler(url="http://x/metrics", http_get=boom)
+    assert s.sample() == [] and "connection refused" in s.last_error
+    with pytest.raises(ValueError, match="ftp://x"):
+        DcgmSampler(url="ftp://x")
+
+
+def test_dcgm_bindings_seam() -> None:
+    class Reader:
+        def GetLatestGpuValuesAsFieldIdDict(self):  # noqa: N802 - DCGM's name
+            return {0: {1002: 0.5, 1004: 0.25, 1005: 0.75, 203: 88.0, 155: 300.0}}
+
+    recs = DcgmBindingsSampler(reader=Reader(), uuids={0: "GPU-a"}).sample()
+    assert recs[0].gpu_uuid == "GPU-a" and recs[0].values == pytest.approx(
+        {"sm_active": 0.5, "tensor_active": 0.25, "dram_active": 0.75, "gpu_util": 0.88, "power_w": 300.0})
+
+
+# ------------------------------------------------------------------ simulated and replay
+
+
+def _step(uuid: str, phase: Phase, t0: int, t1: int, i: int = 0) -> StepRecord:
+    return StepRecord(gpu_uuid=uuid, engine_id="e0", role=Role.COLOCATED, phase=phase, step=i, t0_ns=t0,
+                      t1_ns=t1, clock=Clock.HOST, prefill_tokens=0, decode_tokens=0, batch=1, context_tokens=0,
+                      flops=0.0, bytes=0.0)
+
+
+def test_simulated_refreshes_every_100ms_with_the_phase_signature() -> None:
+    tl = Timeline(horizon_s=60)
+    t0 = 1_000_000_000_000
+    tl.add_step(_step("GPU-sim-0", Phase.PREFILL, t0 - 10**9, t0 + 10 * 10**9))
+    clock = Clock_(t0)
+    model = SimulatedGpuModel(noise=0.0, glitch_rate=0.0)
+    s = SimulatedSampler(["GPU-sim-0"], tl, model=model, clock=clock)
+    recs = []
+    for _ in range(100):  # 1 s of 10 ms polls
+        recs.extend(s.sample())
+        clock.t += 10_000_000
+    assert all(r.source == "simulated" for r in recs)
+    ups = updates(recs)
+    assert 9 <= len(ups) <= 11
+    assert ups[-1].values["tensor_active"] == pytest.approx(H100_SIGNATURES[Phase.PREFILL]["tensor_active"])
+    assert model.lag_ms(0) == 50.0 and model.lag_ms(150.0) == pytest.approx(10.0 + (40 + 60) % 100)
+
+
+def test_replay_keeps_spacing_and_shifts_to_now() -> None:
+    base = 5_000_000_000
+    trace = Trace(steps=[_step("GPU-1", Phase.DECODE, base, base + 10_000_000)],
+                  samples=[SampleRecord("GPU-1", "gpm", base + i * 100_000_000, {"sm_active": 0.5}) for i in range(5)])
+    clock = Clock_(10**15)
+    r = ReplaySampler(trace, speed=2.0, clock=clock)
+    assert len(r.sample()) == 1
+    clock.t += 100_000_000  # 0.1 s at 2x = 0.2 s of trace
+    got = r.sample()
+    assert [g.t_ns - 10**15 for g in got] == [50_000_000, 100_000_000]
+    assert len(r.steps_due()) == 1 and not r.finished
+    clock.t += 10**9
+    r.sample()
+    assert r.finished
+    with pytest.raises(ValueError, match="-1"):
+        ReplaySampler(trace, speed=-1)
