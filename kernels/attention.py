@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -35,6 +36,20 @@ class AttentionMetadata:
     #: [num_decodes] int64 on the device: tokens each decode attends to (its context plus itself)
     decode_seq_lens: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # the decodes' block tables and key mask are the same in every layer: built once per step
+        self.decode_tables: torch.Tensor | None = None
+        self.decode_mask: torch.Tensor | None = None
+        nd = self.num_decodes
+        if nd:
+            if self.decode_seq_lens is None:
+                raise ValueError("decode_seq_lens is required when there are decodes")
+            max_len = max(self.context_lens[:nd]) + 1
+            nb = -(-max_len // self.block_size)
+            self.decode_tables = self.block_tables[:nd, :nb]
+            keys = torch.arange(nb * self.block_size, device=self.block_tables.device)
+            self.decode_mask = (keys[None, :] < self.decode_seq_lens[:, None]).view(nd, 1, 1, -1)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
@@ -55,24 +70,19 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return g.reshape(b, nb * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                     scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence: ``q [B, heads, head_dim]`` -> ``[B, heads, head_dim]``.
 
-    The query heads of one KV head are laid out as the query-length axis of one SDPA call
+    ``tables [B, nb]`` names the blocks to read, ``mask [B, 1, 1, nb * block_size]`` the valid keys. The
+    query heads of one KV head are laid out as the query-length axis of one SDPA call
     (``[B, kv_heads, group, head_dim]``), so grouped-query attention needs no copy of K and V per head.
     """
     b, heads, hd = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kvh
-    nb = -(-max_seq_len // bs)
-    tables = block_tables[:, :nb]
+    kvh = k_cache.shape[2]
     k = _gather(k_cache, tables).transpose(1, 2)  # [B, kvh, L, hd]
     v = _gather(v_cache, tables).transpose(1, 2)
-    length = k.shape[2]
-    mask = (torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]).view(b, 1, 1, length)
-    out = F.scaled_dot_product_attention(q.view(b, kvh, group, hd), k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q.view(b, kvh, heads // kvh, hd), k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, heads, hd)
 
 
@@ -81,9 +91,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       scale: float) -> torch.Tensor:
     """One prompt chunk of ``n`` tokens after ``context_len`` cached ones: ``q [n, heads, hd]`` -> same shape.
 
-    Without a cached prefix the chunk attends to itself causally (``k``, ``v`` as computed, the fused
-    kernels' fast path); with one, keys come from the cache (the chunk's own were written there first)
-    and query ``i`` sees keys ``0 .. context_len + i``.
+    Without a cached prefix the chunk attends to itself causally (``k``, ``v`` as computed); with one,
+    keys come from the cache (the chunk's own were written there first) and query ``i`` sees keys
+    ``0 .. context_len + i`` (a bottom-right aligned causal mask). Both forms run in the fused SDPA kernels
+    (flash / memory-efficient) on the GPU; they need 4-D inputs, hence the leading batch axis of one.
     """
     n, heads, hd = q.shape
     kvh = k.shape[1]
@@ -96,15 +107,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         tables = block_table[:nb].unsqueeze(0)
         keys = _gather(k_cache, tables)[0, :total]
         values = _gather(v_cache, tables)[0, :total]
-        rows = torch.arange(n, device=q.device)[:, None] + context_len
-        mask = torch.arange(total, device=q.device)[None, :] <= rows
-        causal = False
+        mask, causal = causal_lower_right(n, total), False
     if group > 1:
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=mask, is_causal=causal, scale=scale)
-    return out.transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                         values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                         scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -117,10 +127,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     nd = meta.num_decodes
     parts = []
     if nd:
-        max_len = max(meta.context_lens[i] + 1 for i in range(nd))
-        assert meta.decode_seq_lens is not None
-        parts.append(decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.decode_seq_lens,
-                                      max_len, scale))
+        assert meta.decode_tables is not None and meta.decode_mask is not None
+        parts.append(decode_attention(q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_mask, scale))
     start = nd
     for i in range(nd, len(meta.query_lens)):
         n = meta.query_lens[i]
@@ -137,6 +145,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale)
-    return out.transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
