@@ -84,6 +84,18 @@ def _time_case(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, war
     return statistics.median(host), statistics.median(device)
 
 
+def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            runner.run(out, runner.prepare(out)).tolist()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40)
+    click.echo(f"\n### profile: {label} (3 steps)\n{table}")
+
+
 @click.command()
 @click.option("--preset", "preset_name", default="llama-3.1-8b", show_default=True)
 @click.option("--device", default="cuda:0", show_default=True)
@@ -96,8 +108,9 @@ def _time_case(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, war
 @click.option("--iters", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--results", default=str(RESULTS), show_default=True, help="Markdown file to append to.")
 @click.option("--no-results", is_flag=True, help="Print only.")
+@click.option("--profile", is_flag=True, help="Also print the torch profiler's top ops of each step.")
 def main(preset_name: str, device: str, prefill: int, context: int, batches: str, block_size: int,
-         warmup: int, iters: int, results: str, no_results: bool) -> None:
+         warmup: int, iters: int, results: str, no_results: bool, profile: bool) -> None:
     """Time the engine's prefill and decode steps and print ms, TFLOP/s and GB/s against the GPU's peaks."""
     cfg = preset(preset_name)
     dev = torch.device(device)
@@ -125,6 +138,8 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
         host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
         flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
         rows.append((case, host_s, dev_s, flops, nbytes))
+        if profile:
+            _profile(runner, out, dev, case.label)
     peak_f = spec.peak_bf16_flops if spec else None
     peak_b = spec.peak_dram_bytes_per_s if spec else None
     header = ("| step | tokens | step ms (host) | GPU ms | TFLOP/s | MFU | GB/s | MBU |\n"
