@@ -26,6 +26,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _engine(socket_path: Path, **kw: object) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 256)  # 4096 tokens: plenty here, and cheap to allocate
     return LLMEngine(EngineConfig(model="tiny", device="cpu", shim_socket_path=str(socket_path), **kw))
 
 
@@ -85,8 +86,8 @@ def test_hand_schedule_prefill_mixed_decode(listener: Listener) -> None:
 def _random_workload(engine: LLMEngine, rng: random.Random, n: int) -> None:
     vocab = 256
     for i in range(n):
-        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 90))]
-        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 12), **GREEDY))
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 70))]
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 8), **GREEDY))
 
 
 def test_every_step_of_a_random_workload_arrives(listener: Listener, tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_every_step_of_a_random_workload_arrives(listener: Listener, tmp_path: P
     for wid in ("w0", "w1"):
         eng = _engine(listener.path, max_num_batched_tokens=48, max_num_seqs=6, engine_id=wid,
                       gpu_uuid=f"GPU-sim-{wid[1]}", shim_jsonl_path=str(tmp_path / f"{wid}.jsonl"))
-        _random_workload(eng, rng, 12)
+        _random_workload(eng, rng, 8)
         schedule = eng.scheduler.schedule
         log = seen.setdefault(wid, [])
 
@@ -146,7 +147,7 @@ def test_every_step_of_a_random_workload_arrives(listener: Listener, tmp_path: P
 
 def test_no_agent_listening_the_engine_still_runs(sock_dir: Path) -> None:
     quiet = _engine(sock_dir / "nobody.sock", max_num_batched_tokens=32)
-    _random_workload(quiet, random.Random(3), 8)
+    _random_workload(quiet, random.Random(3), 5)
     steps = _run(quiet)
     stats = quiet.shim.stats
     assert steps > 0 and stats == ShimStats(sent=0, dropped=steps, pending=0, written=0)
@@ -155,7 +156,7 @@ def test_no_agent_listening_the_engine_still_runs(sock_dir: Path) -> None:
     outs = {}
     for enabled in (True, False):
         eng = _engine(sock_dir / "nobody.sock", max_num_batched_tokens=32, shim_enabled=enabled)
-        _random_workload(eng, random.Random(3), 8)
+        _random_workload(eng, random.Random(3), 5)
         res = {}
         while eng.has_unfinished_requests():
             for o in eng.step():

@@ -94,20 +94,32 @@ def test_gpu_uuid_is_nvmls() -> None:
 
 
 def test_gpu_interval_matches_the_work(listener: Listener) -> None:
-    # Steps of known GPU length (a spin of ~2 ms via torch.cuda._sleep) separated by host gaps: each record's
-    # length is the kernel's, not the host's, and the gaps show between records.
+    # Steps of one GPU spin kernel (torch.cuda._sleep) separated by host gaps: each record's length is the
+    # kernel's as an independent pair of events inside the step measures it, not the host's, and the host
+    # gaps show between records. (A first version calibrated the spin against events once; that run included
+    # the kernel's lazy module load and under-counted the cycles 20-fold. Measuring beside it avoids that.)
     shim = PhaseShim(_tiny(), device="cuda:0", dtype_bytes=2, socket_path=listener.path)
-    cycles = _cycles_per_ms() * 2
+    torch.cuda._sleep(1000)  # load the kernel's module outside the measured steps
+    torch.cuda.synchronize()
+    inner = []
     for _ in range(5):
         shim.step_begin()
-        torch.cuda._sleep(cycles)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(4_000_000)  # about 2 ms at H100 clocks
+        b.record()
         shim.step_end(Phase.DECODE, decode_ctx=[10])
+        inner.append((a, b))
         time.sleep(0.005)  # a host gap after the step: GPU idle, and poll() may re-anchor
         shim.poll()
     shim.close()
     recs = listener.wait_for(5)
+    assert len(recs) == 5
+    kernel_ms = [a.elapsed_time(b) for a, b in inner]
     durations_ms = [(r.t1_ns - r.t0_ns) / 1e6 for r in recs]
-    assert all(1.5 < d < 4.0 for d in durations_ms), durations_ms
+    assert all(k > 0.5 for k in kernel_ms), kernel_ms
+    for d, k in zip(durations_ms, kernel_ms):
+        assert k <= d + 0.001 and d - k < 0.2, (durations_ms, kernel_ms)  # two event records of slack
     gaps_ms = [(b.t0_ns - a.t1_ns) / 1e6 for a, b in zip(recs, recs[1:])]
     assert all(g >= 4.0 for g in gaps_ms), gaps_ms
 
@@ -116,13 +128,3 @@ def _tiny():
     from phaselens.engine.config import preset
 
     return preset("tiny")
-
-
-def _cycles_per_ms() -> int:
-    # torch.cuda._sleep spins for a number of GPU clock cycles; calibrate against CUDA events once.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(1_000_000)
-    end.record()
-    end.synchronize()
-    return int(1_000_000 / start.elapsed_time(end))
