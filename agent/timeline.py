@@ -8,7 +8,6 @@ daemon loop adds samples and reads.
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections import deque
 from typing import Iterable
@@ -39,14 +38,9 @@ class Timeline:
             q = self._steps.get(step.gpu_uuid)
             if q is None:
                 q = self._steps[step.gpu_uuid] = deque()
-            if q and step.t0_ns < q[-1].t0_ns:
-                # out of order (two engines on one GPU, or late delivery): keep the deque sorted
-                items = list(q)
-                bisect.insort(items, step, key=lambda s: s.t0_ns)
-                q.clear()
-                q.extend(items)
-            else:
-                q.append(step)
+            # appended in arrival order (O(1) whatever a sender does); readers sort. Late or out-of-order steps
+            # (two engines on one GPU) are therefore fine; the count cap bounds what a flood can hold.
+            q.append(step)
             self._note(step.gpu_uuid, step.t1_ns)
             while len(q) > self.max_steps:
                 q.popleft()
@@ -76,7 +70,7 @@ class Timeline:
     def _trim_locked(self, uuid: str) -> None:
         cutoff = self._newest.get(uuid, 0) - self.horizon_ns
         steps = self._steps.get(uuid)
-        while steps and steps[0].t1_ns < cutoff:
+        while steps and steps[0].t1_ns < cutoff:  # the oldest arrivals; a straggler goes with the count cap
             steps.popleft()
         samples = self._samples.get(uuid)
         while samples and samples[0].t_ns < cutoff:
@@ -87,8 +81,11 @@ class Timeline:
             return sorted(set(self._steps) | set(self._samples))
 
     def steps(self, uuid: str) -> list[StepRecord]:
+        """Steps of ``uuid`` in start order."""
         with self._lock:
-            return list(self._steps.get(uuid, ()))
+            items = list(self._steps.get(uuid, ()))
+        items.sort(key=lambda s: s.t0_ns)
+        return items
 
     def samples(self, uuid: str) -> list[SampleRecord]:
         with self._lock:
@@ -102,8 +99,8 @@ class Timeline:
                 return []
             out = []
             for s in reversed(q):  # recent windows: walk from the newest end
-                if s.t1_ns < t0_ns - 10_000_000_000:
-                    break
+                if s.t1_ns < t0_ns - self.horizon_ns:
+                    break  # arrival order is nearly time order: nothing older can overlap
                 if s.t0_ns <= t1_ns and s.t1_ns >= t0_ns:
                     out.append(s)
             out.reverse()
