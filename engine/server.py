@@ -278,34 +278,44 @@ class APIServer:
         state = self._get(delta.request_id)
         if state is None:
             return  # aborted: the client went away
-        n = len(delta.new_token_ids)
         with state.lock:
             if state.done:
                 return
-            if n:
-                role = state.role.value
-                if state.first_token_ns is None:
-                    state.first_token_ns = now
-                    with self._lock:
-                        self._awaiting_first -= 1
-                    self.metrics.observe_first_token(role, (now - state.arrival_ns) / 1e9)
-                    gaps = n - 1
-                else:
-                    gaps = n
-                if gaps and state.last_token_ns is not None:
-                    # several tokens in one step arrive together: share the gap among them
-                    for _ in range(gaps):
-                        self.metrics.observe_inter_token(role, (now - state.last_token_ns) / 1e9 / gaps)
-                state.last_token_ns = now
             state.output_tokens = delta.num_output_tokens
             state.cached_tokens = delta.num_cached_tokens
             state.prompt_tokens = delta.num_prompt_tokens or state.prompt_tokens
-        if n:
+        if delta.new_token_ids:
             state.push(("tokens", list(delta.new_token_ids)))
         if delta.finished:
-            reason = delta.finish_reason or "stop"
-            self._finalize(state, "aborted" if reason == "abort" else "ok", reason, now)
-            state.push(("finish", reason, delta.text))
+            state.push(("finish", delta.finish_reason or "stop", delta.text))
+
+    def _served(self, state: RequestState, n: int) -> None:
+        """``n`` tokens are being handed to the HTTP layer now (event loop): time them.
+
+        TTFT and inter-token latency are taken here, not when the worker's event arrives, so they include
+        the front-end's own queueing: what a client sees, less the network.
+        """
+        now = time.time_ns()
+        role = state.role.value
+        with state.lock:
+            if state.done:
+                return
+            if state.first_token_ns is None:
+                state.first_token_ns = now
+                with self._lock:
+                    self._awaiting_first -= 1
+                self.metrics.observe_first_token(role, (now - state.arrival_ns) / 1e9)
+                gaps = n - 1
+            else:
+                gaps = n
+            if gaps and state.last_token_ns is not None:
+                # several tokens served together: share the gap among them
+                for _ in range(gaps):
+                    self.metrics.observe_inter_token(role, (now - state.last_token_ns) / 1e9 / gaps)
+            state.last_token_ns = now
+
+    def _finished(self, state: RequestState, reason: str) -> None:
+        self._finalize(state, "aborted" if reason == "abort" else "ok", reason)
 
     def _on_exit(self, worker: WorkerProcess, exitcode: int | None) -> None:
         orphans = self.router.mark_dead(worker.worker_id)
@@ -339,11 +349,11 @@ class APIServer:
             if state.done:
                 return False
             state.done = True
+            with self._lock:
+                self._requests.pop(state.request_id, None)
+                if state.first_token_ns is None:
+                    self._awaiting_first -= 1
         now = now or time.time_ns()
-        with self._lock:
-            self._requests.pop(state.request_id, None)
-            if state.first_token_ns is None:
-                self._awaiting_first -= 1
         self.router.release(state.request_id)
         e2e = (now - state.arrival_ns) / 1e9
         tpot = None
@@ -575,9 +585,11 @@ class APIServer:
         while True:
             item = await state.queue.get()
             if item[0] == "tokens":
+                self._served(state, len(item[1]))
                 stream.add(item[1])
             elif item[0] == "finish":
                 stream.finish(item[2])
+                self._finished(state, item[1])
                 return stream.text, item[1]
             else:
                 raise item[1]
@@ -612,11 +624,13 @@ class APIServer:
                 if item[0] == "tokens":
                     # one chunk per engine step, even when the text is held back (an incomplete UTF-8
                     # character, a possible stop string): clients time tokens by chunks
+                    self._served(state, len(item[1]))
                     yield chunk(stream.add(item[1]), None)
                 elif item[0] == "finish":
                     # text held back until now rides on the finishing chunk: no chunk without a token
                     tail = stream.finish(item[2])
                     finished = True
+                    self._finished(state, item[1])
                     yield chunk(tail or (None if chat else ""), item[1])
                     if include_usage:
                         yield _sse_line({"id": state.request_id, "object": obj, "created": created,
