@@ -1,0 +1,147 @@
+"""The daemon loop end to end (simulated and fake-NVML sources), its HTTP endpoints, and the commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from phaselens.agent.daemon import AgentConfig, AgentDaemon, build_daemon, make_http_server
+from phaselens.agent.receiver import PhaseReceiver
+from phaselens.agent.samplers.simulated import H100_SIGNATURES, SimulatedGpuModel, SimulatedSampler
+from phaselens.agent.state import AgentState, GpuIdentity
+from phaselens.agent.timeline import Timeline
+from phaselens.cli import cli
+from phaselens.phase import Phase
+from phaselens.trace import dumps, read_trace
+from tests.agent.fake_nvml import FakeGpu, FakeNvml
+from tests.agent.sim_helpers import T0, FakeClock, engine_like_steps
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "attribution"
+
+
+def test_tick_sample_timeline_attribute_publish_with_simulated_counters(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    state = AgentState("node-a")
+    timeline = Timeline(horizon_s=30)
+    uuid = "GPU-sim-0"
+    sampler = SimulatedSampler([uuid], timeline, model=SimulatedGpuModel(glitch_rate=0.0), clock=clock)
+    rx = PhaseReceiver(tmp_path / "s.sock", state, timeline, known_gpus={uuid}, clock=clock)
+    cfg = AgentConfig(source="simulated", horizon_s=30, attribute_interval_s=5.0)
+    daemon = AgentDaemon(cfg, state, timeline, [(sampler, 10.0)], [GpuIdentity(uuid, 0, "simulated")], rx,
+                         clock=clock)
+    steps = iter(engine_like_steps(uuid, 25.0, seed=7))
+    pending = next(steps)
+    for _ in range(2500):  # 25 s of 10 ms ticks; steps arrive when they end, as from the shim
+        while pending is not None and pending.t1_ns <= clock.t:
+            assert rx.handle(dumps(pending).encode())
+            pending = next(steps, None)
+        daemon.tick()
+        clock.t += 10_000_000
+    snap = state.snapshot()
+    result = snap.attribution[uuid]
+    assert result.windows >= 150 and result.alignment_offset_s is not None
+    for phase in Phase.busy():
+        for key in ("sm_active", "tensor_active", "dram_active"):
+            assert result.phases[phase].values[key] == pytest.approx(H100_SIGNATURES[phase][key], abs=0.03)
+    assert snap.samplers["simulated"].success
+    assert snap.busy_seconds[(uuid, Phase.DECODE)] > 5
+
+    server = make_http_server(state, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        state.mark_started()
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+        assert 'phaselens_phase_utilization_ratio{' in text and 'phase="mixed"' in text
+        health = json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())
+        assert health["status"] == "ok" and health["gpus"] == [uuid]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/nope", timeout=10)
+        assert err.value.code == 404
+    finally:
+        server.shutdown()
+
+
+def test_gpm_source_with_fake_nvml_survives_a_lost_gpu(tmp_path: Path) -> None:
+    a, b = FakeGpu("GPU-a", refresh_polls=1), FakeGpu("GPU-b", refresh_polls=1)
+    cfg = AgentConfig(source="gpm", socket_path=str(tmp_path / "s.sock"), nvml_interval_ms=10)
+    daemon = build_daemon(cfg, nvml=FakeNvml([a, b]))
+    assert sorted(daemon.gpus) == ["GPU-a", "GPU-b"] and daemon.receiver.known_gpus == {"GPU-a", "GPU-b"}
+    t = T0
+    for _ in range(3):
+        daemon.tick(t)
+        t += 20_000_000
+    assert daemon.state.snapshot().samplers["gpm"].success
+    a.lost = True
+    daemon.tick(t)
+    snap = daemon.state.snapshot()
+    assert not snap.samplers["gpm"].success and "GPU-a" in snap.samplers["gpm"].last_error
+    assert snap.raw["GPU-b"]["sm_active"] == pytest.approx(0.967)
+    from phaselens.agent.daemon import health
+
+    code, body = health(daemon.state)
+    assert code == 503 and body["status"] in ("degraded", "starting")
+    with pytest.raises(ValueError, match="GPU-zzz"):
+        build_daemon(AgentConfig(source="gpm", gpus=["GPU-zzz"], socket_path=str(tmp_path / "t.sock")),
+                     nvml=FakeNvml([FakeGpu("GPU-c")]))
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_agent_flags_are_validated_with_the_bad_value_named(tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli, ["agent", "--poll-interval-ms", "0"])
+    assert r.exit_code == 2 and "0" in r.output and "--poll-interval-ms" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "magic"])
+    assert r.exit_code == 2 and "magic" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "replay"])
+    assert r.exit_code == 2 and "--replay-trace" in r.output
+    r = runner.invoke(cli, ["agent", "--horizon-s", "-3"])
+    assert r.exit_code == 2 and "-3" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "simulated", "--port", "70000"])
+    assert r.exit_code == 2 and "70000" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "dcgm", "--dcgm-url", "localhost:9400"])
+    assert r.exit_code == 2 and "localhost:9400" in r.output
+    r = runner.invoke(cli, ["agent"], env={"PHASELENS_POLL_INTERVAL_MS": "fast"})
+    assert r.exit_code == 2 and "fast" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_attribute_command_prints_table_and_json() -> None:
+    runner = CliRunner()
+    trace = str(FIXTURES / "regime_medium.jsonl")
+    r = runner.invoke(cli, ["attribute", trace])
+    assert r.exit_code == 0, r.output
+    assert "prefill" in r.output and "tensor_active" in r.output and "method=unmix" in r.output
+    r = runner.invoke(cli, ["attribute", trace, "--json", "--method", "naive"])
+    doc = json.loads(r.output)
+    (gpu,) = doc["gpus"].values()
+    assert gpu["method"] == "naive" and set(gpu["phases"]) >= {"prefill", "decode", "mixed", "idle"}
+
+
+def test_attribute_command_on_bad_files(tmp_path: Path) -> None:
+    runner = CliRunner()
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n{\"type\": \"step\"}\n")
+    r = runner.invoke(cli, ["attribute", str(junk)])
+    assert r.exit_code == 2 and "no step or sample records" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["attribute", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "missing.jsonl" in r.output
+
+
+def test_record_with_simulated_source_writes_a_trace(tmp_path: Path) -> None:
+    out = tmp_path / "trace.jsonl"
+    r = CliRunner().invoke(cli, ["record", str(out), "--source", "simulated", "--duration-s", "0.5",
+                                 "--socket-path", str(tmp_path / "s.sock"), "--poll-interval-ms", "10"])
+    assert r.exit_code == 0, r.output
+    trace = read_trace(out)
+    assert trace.meta is not None and trace.meta.gpus[0].uuid == "GPU-sim-0"
+    assert len(trace.samples) >= 10 and all(s.source == "simulated" for s in trace.samples)
+    assert trace.malformed == 0
