@@ -2,11 +2,15 @@
 disabled (the A/B baseline), alternating in one run (issue 2: "with no agent listening the engine runs at the
 same speed").
 
-One engine serves the same workload once per mode per round; the modes rotate their order every round so
-that none always runs first, and the first round is a warm-up left out of the figures. Prefix caching is off,
-so every run does the same work. The listener is a separate process, as the agent is, and reports the GPU
-step times it received per phase. A second, engine-free measurement times the shim's own host calls per step
-(``step_begin`` + ``step_end`` + ``poll``) around a trivial kernel.
+The modes alternate *step by step*: one engine holds three shims and swaps them in turn, step ``i`` of a run
+using mode ``(i + offset) % 3``. Each group of three runs uses offsets 0, 1, 2, so every step of the (same,
+deterministic) workload runs once under each mode, and each step is compared with its own twin under the
+disabled shim. Slow spells and drift of the machine (seen on the H100 VM: +-20% from run to run, rising over
+a minute) hit all three modes alike instead of whichever mode ran then. The first group is a warm-up left
+out of the figures. Prefix caching is off, so every run does the same work. The listener is a separate
+process, as the agent is, and reports the step times it received per phase. A second, engine-free
+measurement times the shim's own host calls per step (``step_begin`` + ``step_end`` + ``poll``) around a
+trivial kernel.
 
     python3 bench/shim_overhead.py --preset tiny --device cpu
     python3 bench/shim_overhead.py --preset llama-3.1-8b --device cuda:0     # the GPU machine
@@ -27,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -87,34 +92,40 @@ def _make_shim(engine, mode: str, listen_path: str, nobody_path: str):
                      enabled=mode != "disabled")
 
 
-def _run_once(engine, prompts, max_tokens: int, tag: str) -> tuple[float, int, int, dict]:
+@dataclass
+class StepTime:
+    group: int
+    index: int
+    mode: str
+    phase: str
+    ms: float
+    tokens: int
+
+
+def _run_interleaved(engine, shims: dict, prompts, max_tokens: int, group: int,
+                     offset: int) -> list[StepTime]:
+    """One run of the workload, step ``i`` under mode ``MODES[(i + offset) % 3]``."""
     from phaselens.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", p, params)
-    steps_before = dict(engine.steps_by_phase)
-    secs_before = dict(engine.step_seconds_by_phase)
+        engine.add_request(f"g{group}-o{offset}-{i}", p, params)
     _sync(engine.config.device)
-    t0 = time.perf_counter()
-    out_tokens = steps = 0
-    step_ms: dict[str, list[float]] = {}
+    out: list[StepTime] = []
     counts = dict(engine.steps_by_phase)
+    i = 0
     while engine.has_unfinished_requests():
+        mode = MODES[(i + offset) % 3]
+        engine.shim = shims[mode]
         ts = time.perf_counter()
-        out_tokens += sum(len(o.new_token_ids) for o in engine.step())  # its .tolist() waits for the GPU
+        tokens = sum(len(o.new_token_ids) for o in engine.step())  # its .tolist() waits for the GPU
         te = time.perf_counter()
-        steps += 1
         phase = next((p for p, n in engine.steps_by_phase.items() if n != counts[p]), None)
         counts = dict(engine.steps_by_phase)
-        if phase is not None:
-            step_ms.setdefault(phase.value, []).append((te - ts) * 1e3)
+        out.append(StepTime(group, i, mode, phase.value if phase else "none", (te - ts) * 1e3, tokens))
+        i += 1
     _sync(engine.config.device)
-    elapsed = time.perf_counter() - t0
-    per_phase = {p.value: (engine.steps_by_phase[p] - steps_before[p],
-                           engine.step_seconds_by_phase[p] - secs_before[p]) for p in engine.steps_by_phase}
-    per_phase["step_ms"] = step_ms
-    return elapsed, out_tokens, steps, per_phase
+    return out
 
 
 def _shim_calls_us(model_config, device: str, dtype_bytes: int, listen_path: str, nobody_path: str,
@@ -165,8 +176,8 @@ def _machine(device: str) -> str:
 @click.command()
 @click.option("--preset", default="tiny", show_default=True, help="Model preset (engine/config.py).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
-@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1, 100),
-              help="Measured rounds (each runs every mode once), after one warm-up round.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="Measured groups of three runs (every step once per mode), after one warm-up group.")
 @click.option("--requests", "n_requests", default=16, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--prompt-len", default="16,128", show_default=True, help="min,max prompt tokens.")
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1, 100000))
@@ -208,22 +219,20 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     prompts = _workload(n_requests, (lo, hi), max_tokens, engine.model_config.vocab_size, seed=0)
-    runs: dict[str, list[tuple[float, int, int, dict]]] = {m: [] for m in MODES}
-    stats: dict[str, dict] = {}
-    for r in range(rounds + 1):
-        order = MODES[r % 3:] + MODES[:r % 3]
-        for mode in order:
-            engine.shim = _make_shim(engine, mode, listen_path, nobody_path)
-            res = _run_once(engine, prompts, max_tokens, f"r{r}-{mode}")
-            engine.shim.close()
-            s = engine.shim.stats
-            if r > 0:  # round 0 warms up (allocator, kernels, caches)
-                runs[mode].append(res)
-                agg = stats.setdefault(mode, {"sent": 0, "dropped": 0})
-                agg["sent"] += s.sent
-                agg["dropped"] += s.dropped
-            print(f"round {r} {mode:9s} {res[1] / res[0]:10.1f} out tok/s  {res[2]} steps  "
-                  f"sent {s.sent} dropped {s.dropped}", file=sys.stderr)
+    shims = {mode: _make_shim(engine, mode, listen_path, nobody_path) for mode in MODES}
+    steps: list[StepTime] = []
+    for g in range(rounds + 1):
+        for offset in range(3):
+            run = _run_interleaved(engine, shims, prompts, max_tokens, g, offset)
+            total = sum(st.ms for st in run)
+            rate = sum(st.tokens for st in run) / total * 1e3
+            print(f"group {g} offset {offset}: {len(run)} steps, {rate:.1f} out tok/s", file=sys.stderr)
+            if g > 0:  # group 0 warms up (allocator, kernels, caches)
+                steps += run
+    stats = {}
+    for mode, shim in shims.items():
+        shim.close()
+        stats[mode] = shim.stats
 
     shim_us = _shim_calls_us(engine.model_config, device, engine.worker.dtype_bytes, listen_path, nobody_path,
                              shim_iters, batch=64)
@@ -231,32 +240,28 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
     got = result.get(timeout=30)
     listener.join(timeout=10)
 
+    by_key = {(st.group, st.index, st.mode): st for st in steps}
+    phases = [p for p in ("prefill", "mixed", "decode") if any(st.phase == p for st in steps)]
     summary: dict[str, dict] = {}
     for mode in MODES:
-        rates = [o / t for t, o, _, _ in runs[mode]]
-        steps = sum(s for _, _, s, _ in runs[mode])
-        # Paired by round: each round ran every mode back to back, so slow spells of a shared machine
-        # cancel in the ratio.
-        ratios = [o / t / (od / td) - 1.0
-                  for (t, o, _, _), (td, od, _, _) in zip(runs[mode], runs["disabled"])]
-        summary[mode] = {"out_tok_s_median": statistics.median(rates), "out_tok_s": rates,
-                         "vs_disabled": statistics.median(ratios), "vs_disabled_rounds": ratios,
-                         "steps": steps, **stats[mode], "shim_us_per_step": shim_us[mode]}
-    # Per-step wall time (engine.step(), its host sync included) by phase: the median over hundreds of steps
-    # resolves tens of microseconds where whole-run tokens/s, swayed by a few slow steps, does not.
-    step_med: dict[str, dict[str, float]] = {}
-    for mode in MODES:
-        pooled: dict[str, list[float]] = {}
-        for _, _, _, per_phase in runs[mode]:
-            for p, v in per_phase["step_ms"].items():
-                pooled.setdefault(p, []).extend(v)
-        step_med[mode] = {p: statistics.median(v) for p, v in pooled.items()}
-        summary[mode]["step_ms_median"] = step_med[mode]
-        summary[mode]["step_count"] = {p: len(v) for p, v in pooled.items()}
-    phase_ms = {}
-    for p, (n, secs) in _phase_totals(runs["disabled"]).items():
-        if n:
-            phase_ms[p] = secs / n * 1e3
+        mine = [st for st in steps if st.mode == mode]
+        secs = sum(st.ms for st in mine) / 1e3
+        tokens = sum(st.tokens for st in mine)
+        twins = [(st, by_key[(st.group, st.index, "disabled")]) for st in mine]
+        per_group = {}
+        for st, base in twins:
+            a_, b_ = per_group.get(st.group, (0.0, 0.0))
+            per_group[st.group] = (a_ + st.ms, b_ + base.ms)
+        group_ratios = [a_ / b_ - 1.0 for a_, b_ in per_group.values()]
+        delta_us = {p: statistics.median([(st.ms - base.ms) * 1e3 for st, base in twins if st.phase == p])
+                    for p in phases}
+        med_ms = {p: statistics.median([st.ms for st in mine if st.phase == p]) for p in phases}
+        s_ = stats[mode]
+        summary[mode] = {"out_tok_s": tokens / secs, "steps": len(mine), "tokens": tokens, "seconds": secs,
+                         "vs_disabled": secs / (sum(b.ms for _, b in twins) / 1e3) - 1.0,
+                         "vs_disabled_groups": group_ratios, "paired_delta_us_median": delta_us,
+                         "step_ms_median": med_ms, "sent": s_.sent, "dropped": s_.dropped,
+                         "shim_us_per_step": shim_us[mode]}
     gpu_ms = {p: statistics.median(v) for p, v in got["durations_ms"].items() if v}
 
     machine = _machine(device)
@@ -265,30 +270,23 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
     lines = [f"## shim overhead: {preset} on {device} ({when})", "",
              f"- machine: {machine}", f"- command: `{cmd}`",
              f"- workload: {n_requests} requests, prompts {lo}-{hi} tokens, {max_tokens} output tokens each, "
-             f"budget {max_num_batched_tokens} tokens/step, prefix caching off; {rounds} measured rounds "
-             f"after 1 warm-up, modes rotated",
-             "", "| shim | output tok/s (median) | min-max | vs disabled (median of rounds) | steps | sent | "
-             "dropped | shim calls us/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"budget {max_num_batched_tokens} tokens/step, prefix caching off; modes alternate step by "
+             f"step, {rounds} measured groups of 3 runs (every step once per mode) after 1 warm-up group",
+             "", "| shim | output tok/s | time vs disabled (all steps) | per group min..max | "
+             + " | ".join(f"{p} step: median ms, paired delta" for p in phases)
+             + " | sent | dropped | shim calls us/step |",
+             "|---" * (7 + len(phases)) + "|"]
     for mode in MODES:
-        s = summary[mode]
-        lo_hi = f"{min(s['out_tok_s']):.1f}-{max(s['out_tok_s']):.1f}"
-        lines.append(f"| {mode} | {s['out_tok_s_median']:.1f} | {lo_hi} "
-                     f"| {s['vs_disabled'] * 100:+.1f}% | {s['steps']} | {s['sent']} | {s['dropped']} "
-                     f"| {s['shim_us_per_step']:.1f} |")
-    phases = [p for p in ("prefill", "mixed", "decode") if p in step_med["disabled"]]
-    lines += ["", "| shim | " + " | ".join(f"{p} step ms (median, n)" for p in phases)
-              + " | " + " | ".join(f"{p} vs disabled" for p in phases) + " |",
-              "|---" * (1 + 2 * len(phases)) + "|"]
-    for mode in MODES:
-        med, base_med = step_med[mode], step_med["disabled"]
-        cells = [f"{med[p]:.3f} ({summary[mode]['step_count'][p]})" for p in phases]
-        cells += [f"{(med[p] - base_med[p]) * 1e3:+.0f} us ({(med[p] / base_med[p] - 1) * 100:+.2f}%)"
-                  for p in phases]
+        s_ = summary[mode]
+        gr = s_["vs_disabled_groups"]
+        cells = [f"{s_['out_tok_s']:.1f}", f"{s_['vs_disabled'] * 100:+.2f}%",
+                 f"{min(gr) * 100:+.1f}%..{max(gr) * 100:+.1f}%"]
+        cells += [f"{s_['step_ms_median'][p]:.3f}, {s_['paired_delta_us_median'][p]:+.0f} us" for p in phases]
+        cells += [str(s_["sent"]), str(s_["dropped"]), f"{s_['shim_us_per_step']:.1f}"]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "- host step time per phase (engine's perf_counter, disabled shim): "
-              + ", ".join(f"{p} {ms:.2f} ms" for p, ms in phase_ms.items()),
-              "- GPU step time per phase as the listener received it (median, clock "
+    lines += ["", "- step: wall time of engine.step() (its host sync included); paired delta: median over "
+              "steps of (this mode - the same step under the disabled shim)",
+              "- step time per phase as the listener received it (median, clock "
               + ("gpu" if device.startswith("cuda") else "host") + "): "
               + ", ".join(f"{p} {ms:.2f} ms" for p, ms in sorted(gpu_ms.items())),
               f"- listener received {got['received']} records ({got['bad']} unreadable); "
@@ -300,22 +298,10 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
         with open(RESULTS, "a", encoding="utf-8") as fh:
             fh.write("\n" + text + "\n")
     if json_out:
-        Path(json_out).write_text(json.dumps({"machine": machine, "summary": summary, "phase_ms": phase_ms,
-                                              "gpu_ms": gpu_ms, "listener": {"received": got["received"],
-                                                                             "bad": got["bad"]}}, indent=1))
+        Path(json_out).write_text(json.dumps({"machine": machine, "summary": summary, "gpu_ms": gpu_ms,
+                                              "listener": {"received": got["received"], "bad": got["bad"]},
+                                              "steps": [st.__dict__ for st in steps]}, indent=1))
     engine.close()
-
-
-def _phase_totals(runs: list[tuple[float, int, int, dict]]) -> dict[str, tuple[int, float]]:
-    tot: dict[str, tuple[int, float]] = {}
-    for _, _, _, per_phase in runs:
-        for p, val in per_phase.items():
-            if p == "step_ms":
-                continue
-            n, secs = val
-            a, b = tot.get(p, (0, 0.0))
-            tot[p] = (a + n, b + secs)
-    return tot
 
 
 if __name__ == "__main__":
