@@ -84,7 +84,8 @@ def _time_case(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, war
     return statistics.median(host), statistics.median(device)
 
 
-def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label: str) -> None:
+def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label: str) -> float | None:
+    """Print the profiler's top ops of 3 steps; return the summed device-kernel seconds of one step."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -92,8 +93,16 @@ def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label
         for _ in range(3):
             runner.run(out, runner.prepare(out)).tolist()
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=key, row_limit=14, max_name_column_width=40)
     click.echo(f"\n### profile: {label} (3 steps)\n{table}")
+    if dev.type != "cuda":
+        return None
+    # kernels only (device-side events), so ops and the kernels they launch are not counted twice
+    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+                    for e in averages if getattr(e, "device_type", None) is not None
+                    and "CUDA" in str(e.device_type))
+    return kernel_us / 3 / 1e6 if kernel_us else None
 
 
 @click.command()
@@ -137,29 +146,31 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
         out, next_block = case.build(next_block, block_size, cfg.vocab_size, gen)
         host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
         flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
-        rows.append((case, host_s, dev_s, flops, nbytes))
-        if profile:
-            _profile(runner, out, dev, case.label)
+        kernel_s = _profile(runner, out, dev, case.label) if profile else None
+        rows.append((case, host_s, dev_s, kernel_s, flops, nbytes))
     peak_f = spec.peak_bf16_flops if spec else None
     peak_b = spec.peak_dram_bytes_per_s if spec else None
-    header = ("| step | tokens | step ms (host) | GPU ms | TFLOP/s | MFU | GB/s | MBU |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = ("| step | tokens | step ms (host) | GPU span ms | kernel ms | TFLOP/s | MFU | GB/s | MBU |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     lines = []
-    for case, host_s, dev_s, flops, nbytes in rows:
+    for case, host_s, dev_s, kernel_s, flops, nbytes in rows:
         tf, gb = flops / dev_s / 1e12, nbytes / dev_s / 1e9
         mfu = f"{flops / dev_s / peak_f:.1%}" if peak_f else "n/a"
         mbu = f"{nbytes / dev_s / peak_b:.1%}" if peak_b else "n/a"
+        kern = f"{kernel_s * 1e3:.2f}" if kernel_s else "n/a"
         lines.append(f"| {case.label} | {case.batch * case.tokens} | {host_s * 1e3:.2f} | "
-                     f"{dev_s * 1e3:.2f} | {tf:.1f} | {mfu} | {gb:.0f} | {mbu} |")
+                     f"{dev_s * 1e3:.2f} | {kern} | {tf:.1f} | {mfu} | {gb:.0f} | {mbu} |")
     peaks = (f"peaks {peak_f / 1e12:.0f} TFLOP/s bf16 dense, {peak_b / 1e12:.2f} TB/s "
              "(datasheet, phaselens/gpus.py)" if spec and peak_f and peak_b else "no GPU peak figures")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = "\n".join([
         f"\n## {when}: engine step times, {cfg.name} ({model.dtype}) on {name}",
         f"machine: {platform.node()}, {name}, torch {torch.__version__}; {peaks}. Median of {iters} steps "
-        f"after {warmup} warm-up; torch reference paged attention, eager mode.",
+        f"after {warmup} warm-up; torch reference paged attention, eager mode. GPU span: CUDA events around "
+        "forward + sampling (includes launch gaps when the host is the bottleneck); kernel ms: summed kernel "
+        "time from the torch profiler (--profile); rates use the GPU span.",
         f"command: `python3 bench/engine_steps.py --preset {preset_name} --device {device} "
-        f"--prefill {prefill} --context {context} --batches {batches}`",
+        f"--prefill {prefill} --context {context} --batches {batches}{' --profile' if profile else ''}`",
         "", header, *lines, ""])
     click.echo(entry)
     if not no_results:

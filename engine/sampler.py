@@ -23,17 +23,18 @@ class Sampler:
         if not random_rows:
             return greedy
         dev = logits.device
-        idx = torch.tensor(random_rows, device=dev)
-        rows = logits[idx]
-        temps = torch.tensor([params[i].temperature for i in random_rows], device=dev, dtype=rows.dtype)
-        rows = rows / temps[:, None]
+        vocab = logits.shape[-1]
+        # per-row parameters in two pinned host tensors, copied without blocking the host
+        ints = _to(dev, [random_rows, [params[i].top_k or vocab for i in random_rows]], torch.int64)
+        floats = _to(dev, [[params[i].temperature for i in random_rows],
+                           [params[i].top_p for i in random_rows]], logits.dtype)
+        idx, ks = ints[0], ints[1]
+        temps, top_ps = floats[0], floats[1]
+        rows = logits[idx] / temps[:, None]
         sorted_logits, order = rows.sort(dim=-1, descending=True)
-        vocab = rows.shape[-1]
-        ks = torch.tensor([params[i].top_k or vocab for i in random_rows], device=dev)
         rank = torch.arange(vocab, device=dev)[None, :]
         sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        top_ps = torch.tensor([params[i].top_p for i in random_rows], device=dev, dtype=probs.dtype)
         # drop a token when the ones ranked above it already reach top_p (the first one always stays)
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_ps[:, None], 0.0)
@@ -43,3 +44,9 @@ class Sampler:
         choice = (probs / noise).argmax(dim=-1)
         tokens = order.gather(1, choice[:, None]).squeeze(1)
         return greedy.index_copy(0, idx, tokens)
+
+
+def _to(device: torch.device, rows: list[list], dtype: torch.dtype) -> torch.Tensor:
+    """A small host table on ``device``: pinned and non-blocking on CUDA (a pageable copy would sync)."""
+    cuda = device.type == "cuda"
+    return torch.tensor(rows, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
