@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # ------------------------------------------------------------------ the listener (its own process: no GIL)
 
 
-def _listen(path: str, ready: mp.Event, stop: mp.Event, result: mp.Queue) -> None:
+def _listen(path: str, ready: Any, stop: Any, result: Any) -> None:  # multiprocessing Event, Event, Queue
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(0.05)
@@ -248,7 +249,7 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
         secs = sum(st.ms for st in mine) / 1e3
         tokens = sum(st.tokens for st in mine)
         twins = [(st, by_key[(st.group, st.index, "disabled")]) for st in mine]
-        per_group = {}
+        per_group: dict[int, tuple[float, float]] = {}
         for st, base in twins:
             a_, b_ = per_group.get(st.group, (0.0, 0.0))
             per_group[st.group] = (a_ + st.ms, b_ + base.ms)

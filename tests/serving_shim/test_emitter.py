@@ -53,7 +53,12 @@ def test_agent_started_later_is_picked_up_after_the_reconnect_interval(sock_dir:
 def test_missing_agent_costs_no_send_per_record(sock_dir: Path, monkeypatch) -> None:
     em = PhaseEmitter(sock_dir / "nobody.sock")
     calls = []
-    monkeypatch.setattr("phaselens.serving_shim.emitter.dumps", lambda rec: calls.append(rec) or "{}")
+
+    def counting_dumps(rec: object) -> str:
+        calls.append(rec)
+        return "{}"
+
+    monkeypatch.setattr("phaselens.serving_shim.emitter.dumps", counting_dumps)
     for i in range(100):
         em.emit(_step(i))
     assert len(calls) == 1 and em.dropped == 100  # one attempt, then dropped unsent for a second
