@@ -33,6 +33,9 @@ from phaselens.trace import GpuInfo, MetaRecord, StepRecord
 
 __all__ = ["DEFAULT_SOCKET_PATH", "PhaseShim", "ShimStats"]
 
+#: How often the JSONL file is flushed while the engine runs.
+FLUSH_INTERVAL_S = 1.0
+
 
 @dataclass(frozen=True)
 class ShimStats:
@@ -94,6 +97,7 @@ class PhaseShim:
         self.gpu_uuid = gpu_uuid or ""
         self.clock = Clock.GPU if self.device.type == "cuda" else Clock.HOST
         self._closed_stats = ShimStats()
+        self._last_flush = time.monotonic()
         if not enabled:
             return
         self.gpu_uuid = gpu_uuid or gpu_uuid_for(self.device)
@@ -133,6 +137,10 @@ class PhaseShim:
             return 0
         done = timer.poll()
         emitter.retry()
+        now = time.monotonic()
+        if now - self._last_flush >= FLUSH_INTERVAL_S:  # a tailing reader sees the JSONL within a second
+            self._last_flush = now
+            emitter.flush()
         for info, t0, t1 in done:
             s = info.shape
             emitter.emit(StepRecord(

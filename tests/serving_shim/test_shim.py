@@ -159,3 +159,14 @@ def test_gpu_uuid_when_nvml_fails_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="00000000:01:00.0"):
         _uuid_from_nvml(Props(), 0, BrokenNvml())
+
+
+def test_jsonl_is_flushed_while_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("phaselens.serving_shim.shim.FLUSH_INTERVAL_S", 0.0)
+    out = tmp_path / "live.jsonl"
+    shim = PhaseShim(TINY, socket_path=None, jsonl_path=out)
+    shim.step_begin()
+    shim.step_end(Phase.PREFILL, prefill_seqs=[(4, 0)])
+    shim.poll()
+    assert [r.step for r in read_trace(out).steps] == [0]  # readable before close()
+    shim.close()
