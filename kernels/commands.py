@@ -24,11 +24,13 @@ def probe(device: str, repeats: int, cache: bool, as_json: bool) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise click.BadParameter(f"{device!r} is not a torch device (cuda, cuda:N or cpu)", param_hint="--device")
+        raise click.BadParameter(f"{device!r} is not a torch device (cuda, cuda:N or cpu)",
+                                 param_hint="--device")
     if dev.type not in ("cuda", "cpu"):
         raise click.BadParameter(f"{device!r}: only cuda and cpu can be probed", param_hint="--device")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{device!r}: CUDA is not available here; use --device cpu", param_hint="--device")
+        raise click.BadParameter(f"{device!r}: CUDA is not available here; use --device cpu",
+                                 param_hint="--device")
     result = run_probe(dev, repeats=repeats)
     if cache:
         RooflineCache().put(result)
@@ -41,7 +43,8 @@ def probe(device: str, repeats: int, cache: bool, as_json: bool) -> None:
         click.echo(json.dumps(payload, indent=2))
         return
     click.echo(f"device            {result.device_name}")
-    line = f"matmul ({result.matmul_dtype}, n={result.matmul_n})  {result.matmul_flops_per_s / 1e12:8.1f} TFLOP/s"
+    line = (f"matmul ({result.matmul_dtype}, n={result.matmul_n})  "
+            f"{result.matmul_flops_per_s / 1e12:8.1f} TFLOP/s")
     if spec:
         line += f"   ({result.matmul_flops_per_s / spec.peak_bf16_flops:.0%} of datasheet " \
                 f"{spec.peak_bf16_flops / 1e12:.0f})"

@@ -94,7 +94,8 @@ def measure_matmul(device: torch.device, n: int | None = None, repeats: int = 10
     return 2.0 * n**3 / seconds
 
 
-def measure_copy(device: torch.device, nbytes: int | None = None, repeats: int = 10, warmup: int = 3) -> float:
+def measure_copy(device: torch.device, nbytes: int | None = None, repeats: int = 10,
+                 warmup: int = 3) -> float:
     """Device-memory bandwidth in bytes/s of a large copy, counting bytes read plus bytes written."""
     nbytes = nbytes or (GPU_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES)
     numel = nbytes // 4

@@ -10,46 +10,61 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 
 import click
 
 from phaselens import __version__
 
-# name -> "module:attribute" of a click.Command. The order is the order of `--help`.
-COMMANDS: dict[str, str] = {
-    "demo": "phaselens.demo:demo",
-    "generate": "phaselens.engine.commands:generate",
-    "serve": "phaselens.engine.serve_cli:serve",
-    "load": "phaselens.engine.loadgen_cli:load",
-    "mode": "phaselens.engine.mode_cli:mode",
-    "agent": "phaselens.agent.commands:agent",
-    "record": "phaselens.agent.commands:record",
-    "attribute": "phaselens.agent.commands:attribute",
-    "advise": "phaselens.advisor.commands:advise",
-    "dashboards": "phaselens.dashboards.commands:dashboards",
-    "probe": "phaselens.kernels.commands:probe",
+# name -> ("module:attribute" of a click.Command, one-line help). The order is the order of `--help`; the
+# one-line help is here so that `--help` imports none of the commands' modules.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("phaselens.demo:demo", "Start engine, agent and load; show the blended vs per-phase split."),
+    "generate": ("phaselens.engine.commands:generate", "Run the bundled engine offline on prompts."),
+    "serve": ("phaselens.engine.serve_cli:serve", "Serve a model over an OpenAI-compatible HTTP API."),
+    "load": ("phaselens.engine.loadgen_cli:load", "Send a seeded load to a server; report latency, goodput."),
+    "mode": ("phaselens.engine.mode_cli:mode", "Show or change the engine's colocated/split mode."),
+    "agent": ("phaselens.agent.commands:agent", "Run the node agent: sample, attribute per phase, export."),
+    "record": ("phaselens.agent.commands:record", "Record a trace of steps and samples."),
+    "attribute": ("phaselens.agent.commands:attribute", "Attribute a recorded trace per phase, offline."),
+    "advise": ("phaselens.advisor.commands:advise", "Should prefill and decode run on separate GPU pools?"),
+    "dashboards": ("phaselens.dashboards.commands:dashboards", "Generate or preview the Grafana dashboards."),
+    "probe": ("phaselens.kernels.commands:probe", "Measure this node's matmul and memory-bandwidth peaks."),
 }
 
 
 def _available(target: str) -> bool:
+    """Whether a command's module exists, found without importing its package (which may import torch)."""
     module = target.split(":", 1)[0]
+    parent, _, leaf = module.rpartition(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(parent)
     except ModuleNotFoundError:
         return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(os.path.exists(os.path.join(loc, leaf + ".py")) or os.path.isdir(os.path.join(loc, leaf))
+               for loc in spec.submodule_search_locations)
 
 
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when that subcommand runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name, target in COMMANDS.items() if _available(target)]
+        return [name for name, (target, _) in COMMANDS.items() if _available(target)]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None or not _available(target):
+        entry = COMMANDS.get(cmd_name)
+        if entry is None or not _available(entry[0]):
             return None
+        target = entry[0]
         module_name, attr = target.split(":", 1)
         command = getattr(importlib.import_module(module_name), attr)
         if not isinstance(command, click.Command):

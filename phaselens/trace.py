@@ -220,8 +220,10 @@ def _parse_sample(obj: dict[str, Any]) -> SampleRecord:
         values[key] = float(value)
     source = _get(obj, "source", str)
     if source not in SOURCES:
-        raise TraceFormatError(f"field 'source': unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    return SampleRecord(gpu_uuid=_ident(obj, "gpu_uuid"), source=source, t_ns=_count(obj, "t_ns"), values=values)
+        raise TraceFormatError(f"field 'source': unknown source {source!r}; "
+                               f"expected one of {', '.join(SOURCES)}")
+    return SampleRecord(gpu_uuid=_ident(obj, "gpu_uuid"), source=source, t_ns=_count(obj, "t_ns"),
+                        values=values)
 
 
 _PARSERS = {"meta": _parse_meta, "step": _parse_step, "sample": _parse_sample}
@@ -318,7 +320,7 @@ class Trace:
         return list(seen)
 
 
-def iter_records(lines: Iterable[str], *, source: str = "<trace>") -> Iterator[tuple[int, Record | None, str | None]]:
+def iter_records(lines: Iterable[str]) -> Iterator[tuple[int, Record | None, str | None]]:
     """Yield ``(line_number, record_or_None, error_or_None)`` for each non-blank line."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -333,7 +335,7 @@ def read_trace(path: str | os.PathLike[str], *, max_warnings: int = 20) -> Trace
     """Read a JSONL trace; malformed lines are counted and skipped with a warning naming the line."""
     trace = Trace()
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, rec, error in iter_records(fh, source=str(path)):
+        for number, rec, error in iter_records(fh):
             if error is not None:
                 trace.malformed += 1
                 if trace.malformed <= max_warnings:
