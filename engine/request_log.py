@@ -10,10 +10,13 @@ record and a crash loses at most the request in flight.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "error", "aborted")
 
@@ -72,14 +75,19 @@ class RequestLog:
 
 
 def read_request_log(path: str | Path) -> list[dict]:
-    """The records of a request log; lines of other types are skipped (forward compatibility)."""
+    """The records of a request log. Lines of other types are skipped (forward compatibility); a malformed
+    line (a crash mid-write, say) is skipped with a warning naming its line number, never an exception."""
     records = []
     with Path(path).open(encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            obj = json.loads(line)
-            if obj.get("type") == "request":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                log.warning("%s:%d: malformed request-log line skipped (%s)", path, lineno, exc)
+                continue
+            if isinstance(obj, dict) and obj.get("type") == "request":
                 records.append(obj)
     return records

@@ -74,6 +74,8 @@ def test_request_log_lines_follow_the_contract(tmp_path) -> None:
                                     "cached_tokens": 0, "output_tokens": 120, "worker": "w0",
                                     "role": "colocated", "status": "ok", "finish_reason": "length",
                                     "session_id": None}
+    with path.open("a") as f:
+        f.write('{"type": "request", "request_id": "cut')  # a crash mid-line
     assert [r["status"] for r in read_request_log(path)] == ["ok", "aborted"]
     with pytest.raises(ValueError, match="status"):
         RequestRecord("x", 1, 2, 3, 1, 0, 1, "w0", "colocated", "fine", None)
