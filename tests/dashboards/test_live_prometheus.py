@@ -4,8 +4,11 @@ The stack, started once for this module, all on 127.0.0.1 with free ports:
 
 - the engine: ``phaselens serve --preset tiny`` (CPU), with a light stream of completions so its
   latency histograms move;
-- the agent: ``phaselens agent --source replay`` when that command exists, else the stand-in
-  ``tests/exporters/agent_harness.py`` (AgentCollector over a state replayed from a small trace);
+- the engine's shim sends its real steps to the agent's socket;
+- two real agents when ``phaselens agent`` exists: ``--source replay`` over a trace of two H100s
+  written by ``tests/exporters/agent_harness.py`` (attribution, MFU/MBU), and ``--source simulated``
+  whose phase receiver gets the engine's steps (plus one malformed datagram, which must be counted);
+  else the stand-in harness (AgentCollector over a state replayed from the same kind of trace);
 - Prometheus (the Debian package), 1 s scrape and rule-evaluation interval, loaded with
   ``deploy/prometheus/phaselens-rules.yaml`` (group intervals set to 1 s for the test).
 
@@ -39,12 +42,15 @@ from click.testing import CliRunner
 from phaselens.cli import cli
 from phaselens.dashboards.common import SPLIT_MODE_ONLY
 from phaselens.dashboards.generator import PanelQuery, expand, load_dashboards, panel_queries
+from tests.exporters.agent_harness import write_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "phaselens-rules.yaml"
 #: How long, from the stack's start, each query may take to return data (scrapes every 1 s).
 DATA_DEADLINE_S = 90.0
 RATE_INTERVAL = "30s"
+#: Length of the replayed trace: longer than the test runs (the replay does not loop).
+TRACE_SECONDS = 300.0
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -86,7 +92,7 @@ def _wait_for(what: str, check: Any, deadline_s: float, procs: list[subprocess.P
 @dataclass
 class Stack:
     prometheus: str
-    agent_metrics: str
+    agent_metrics: list[str]
     engine: str
     agent_kind: str
     started: float
@@ -100,15 +106,35 @@ class Stack:
         return list(data["data"]["result"])
 
 
-def _agent_command(port: int, tmp: Path) -> tuple[list[str], str]:
-    if importlib.util.find_spec("phaselens.agent.commands") is not None:
-        help_text = subprocess.run([sys.executable, "-m", "phaselens", "agent", "--help"],
-                                   capture_output=True, text=True, timeout=60).stdout
-        if "--source" in help_text and "replay" in help_text:
-            return [sys.executable, "-m", "phaselens", "agent", "--source", "replay",
-                    "--port", str(port)], "agent"
-    return [sys.executable, "-m", "tests.exporters.agent_harness", "--port", str(port),
-            "--trace", str(tmp / "trace.jsonl")], "harness"
+def _real_agent_available() -> bool:
+    if importlib.util.find_spec("phaselens.agent.commands") is None:
+        return False
+    help_text = subprocess.run([sys.executable, "-m", "phaselens", "agent", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    return all(flag in help_text for flag in ("--replay-trace", "--socket-path", "--listen-address"))
+
+
+def _agent_commands(tmp: Path, socket_path: Path) -> tuple[dict[str, tuple[list[str], int]], str]:
+    """name -> (command, port) of the agents to run, and which kind they are.
+
+    With ``phaselens agent`` present, two real agents: ``replay`` (a recorded-format trace of two H100s
+    through the agent's own samplers, unmixing attribution and exporter) and ``simulated`` (its phase
+    receiver on ``socket_path`` gets the test engine's real steps). Without it, the stand-in harness."""
+    trace = tmp / "trace.jsonl"
+    write_trace(trace, seconds=TRACE_SECONDS)
+    if _real_agent_available():
+        base = [sys.executable, "-m", "phaselens", "agent", "--listen-address", "127.0.0.1",
+                "--attribute-interval-s", "1"]
+        replay_port, sim_port = _free_port(), _free_port()
+        return {
+            "agent-replay": (base + ["--source", "replay", "--replay-trace", str(trace), "--socket-path",
+                                     str(tmp / "unused.sock"), "--port", str(replay_port)], replay_port),
+            "agent-simulated": (base + ["--source", "simulated", "--socket-path", str(socket_path),
+                                        "--port", str(sim_port)], sim_port),
+        }, "agent"
+    port = _free_port()
+    return {"agent-harness": ([sys.executable, "-m", "tests.exporters.agent_harness", "--port", str(port),
+                               "--trace", str(trace)], port)}, "harness"
 
 
 def _load(engine: str, stop: threading.Event) -> None:
@@ -127,7 +153,7 @@ def _load(engine: str, stop: threading.Event) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("live")
-    agent_port, engine_port, prom_port = _free_port(), _free_port(), _free_port()
+    engine_port, prom_port = _free_port(), _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
@@ -142,12 +168,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stop = threading.Event()
     loader = None
     try:
-        agent_cmd, agent_kind = _agent_command(agent_port, tmp)
-        start("agent", agent_cmd)
+        sock = tmp / "phaselens.sock"
+        agents, agent_kind = _agent_commands(tmp, sock)
+        for name, (cmd, _) in agents.items():
+            start(name, cmd)
+        # The engine's shim sends its real steps to the agent's socket (GPU-sim-0 on CPU).
         start("engine", [sys.executable, "-m", "phaselens", "serve", "--preset", "tiny",
-                         "--port", str(engine_port), "--no-shim"])
-        agent, engine = f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{engine_port}"
-        _wait_for("agent /metrics", lambda: _get(f"{agent}/metrics")[0] == 200, 60, procs)
+                         "--port", str(engine_port), "--shim-socket", str(sock)])
+        engine = f"http://127.0.0.1:{engine_port}"
+        for name, (_, port) in agents.items():
+            url = f"http://127.0.0.1:{port}/metrics"
+            _wait_for(f"{name} /metrics", lambda: _get(url)[0] == 200, 60, procs)  # noqa: B023 - called now
+        if agent_kind == "agent":
+            _wait_for("the agent's phase socket", sock.exists, 30, procs)
+            # One bad datagram, as a broken shim would send: the agent must count it (by reason) and go on.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bad:
+                bad.sendto(b'{"type": "step", "gpu_uuid": 7}', str(sock))
         _wait_for("engine /health", lambda: _get(f"{engine}/health")[0] == 200, 120, procs)
         loader = threading.Thread(target=_load, args=(engine, stop), daemon=True)
         loader.start()
@@ -161,7 +197,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "rule_files": [str(tmp / "rules.yaml")],
             "scrape_configs": [
                 {"job_name": "phaselens-agent",
-                 "static_configs": [{"targets": [f"127.0.0.1:{agent_port}"]}]},
+                 "static_configs": [{"targets": [f"127.0.0.1:{port}" for _, port in agents.values()]}]},
                 {"job_name": "phaselens-engine",
                  "static_configs": [{"targets": [f"127.0.0.1:{engine_port}"]}]},
             ],
@@ -174,12 +210,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                              f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"])
         prom = f"http://127.0.0.1:{prom_port}"
-        s = Stack(prom, f"{agent}/metrics", engine, agent_kind, time.monotonic(), procs)
+        s = Stack(prom, [f"http://127.0.0.1:{port}/metrics" for _, port in agents.values()], engine,
+                  agent_kind, time.monotonic(), procs)
 
-        def both_up() -> bool:
-            return sorted(r["value"][1] for r in s.query('up{job=~"phaselens-.*"}')) == ["1", "1"]
+        def all_up() -> bool:
+            return [r["value"][1] for r in s.query('up{job=~"phaselens-.*"}')] == ["1"] * (len(agents) + 1)
 
-        _wait_for("both scrape targets up", both_up, 60, procs)
+        _wait_for("every scrape target up", all_up, 60, procs)
         yield s
     finally:
         stop.set()
@@ -241,14 +278,28 @@ def test_recording_rules_load_and_evaluate(stack: Stack) -> None:
             time.sleep(0.5)  # polling interval of a condition with a deadline
 
 
-@pytest.mark.parametrize("target", ["agent", "engine"])
-def test_promtool_check_metrics_on_live_endpoints(stack: Stack, target: str) -> None:
-    url = stack.agent_metrics if target == "agent" else f"{stack.engine}/metrics"
-    status, body = _get(url)
-    assert status == 200
-    proc = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
-    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
-        proc.stdout.decode() + proc.stderr.decode())
+def test_promtool_check_metrics_on_live_endpoints(stack: Stack) -> None:
+    for url in [*stack.agent_metrics, f"{stack.engine}/metrics"]:
+        status, body = _get(url)
+        assert status == 200, url
+        proc = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
+        assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
+            url, proc.stdout.decode() + proc.stderr.decode())
+
+
+def test_the_engines_steps_reach_the_agent(stack: Stack) -> None:
+    if stack.agent_kind != "agent":
+        pytest.skip("the stand-in harness has no phase receiver (phaselens agent not available)")
+    end = stack.started + DATA_DEADLINE_S
+    while True:
+        got = {r["metric"].get("reason", "received"): float(r["value"][1]) for r in stack.query(
+            "phaselens_shim_events_received_total > 0 or phaselens_shim_events_rejected_total > 0")}
+        if "received" in got and got.keys() - {"received"}:
+            break
+        assert time.monotonic() < end, f"shim events seen by Prometheus: {got}"
+        time.sleep(0.5)  # polling interval of a condition with a deadline
+    # and the engine's GPU appears with attributed phase time
+    assert stack.query('phaselens_phase_time_ratio{gpu_uuid="GPU-sim-0"}')
 
 
 def test_preview_png_from_the_test_prometheus(stack: Stack, tmp_path: Path) -> None:

@@ -63,21 +63,40 @@ def write_trace(path: Path, seconds: float = 10.0, seed: int = 0) -> None:
                 t += dur + 2_000_000  # 2 ms host gap between steps
                 n += 1
         steps += mine
-        for k in range(int(seconds * 10)):
-            ts = t_start + k * 100_000_000
-            phase = _phase_at(mine, ts)
-            values: dict[str, float | None] = {
-                key: min(1.0, max(0.0, v + rng.gauss(0, 0.02))) for key, v in LEVELS[phase].items()}
-            values["gpu_util"] = 0.0 if phase is Phase.IDLE else 1.0
-            values.update(power_w=400.0 + 200 * (values["sm_active"] or 0.0), sm_clock_hz=1.98e9,
-                          mem_used_bytes=6.0e10)
-            samples.append(SampleRecord(uuid, "replay", ts, values))
+        # GPM-like counter samples: each holds the activity over the 100 ms window it closes, i.e. the
+        # phase levels weighted by the phases' overlap with that window (plus noise).
+        for k in range(1, int(seconds * 10)):
+            w0, w1 = t_start + (k - 1) * 100_000_000, t_start + k * 100_000_000
+            share = _overlap(mine, w0, w1)
+            values: dict[str, float | None] = {}
+            for key in LEVELS[Phase.PREFILL]:
+                level = sum(f * LEVELS[p][key] for p, f in share.items())
+                values[key] = min(1.0, max(0.0, level + rng.gauss(0, 0.01)))
+            samples.append(SampleRecord(uuid, "gpm", w1, values))
+            if k % 10 == 0:  # NVML once a second
+                busy = 1.0 - share.get(Phase.IDLE, 0.0)
+                samples.append(SampleRecord(uuid, "nvml", w1, {
+                    "gpu_util": 1.0 if busy > 0 else 0.0, "power_w": 400.0 + 200.0 * busy,
+                    "sm_clock_hz": 1.98e9, "mem_used_bytes": 6.0e10}))
+    spec = gpu_spec(H100)
     with TraceWriter(path) as w:
-        w.write(MetaRecord(host="harness", gpus=tuple(GpuInfo(u, i, H100) for u, i in GPUS)))
+        w.write(MetaRecord(host="harness", gpus=tuple(GpuInfo(u, i, H100, spec.peak_bf16_flops,
+                                                              spec.peak_dram_bytes_per_s) for u, i in GPUS)))
         for rec in sorted([*steps, *samples], key=lambda r: r.t0_ns if isinstance(r, StepRecord) else r.t_ns):
             w.write(rec)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write('{"type":"step","gpu_uuid":"GPU-harness-0","phase":"prefil"}\n')  # malformed on purpose
+
+
+def _overlap(steps: list[StepRecord], t0: int, t1: int) -> dict[Phase, float]:
+    """Fraction of [t0, t1) each phase ran (idle: the rest)."""
+    out: dict[Phase, float] = defaultdict(float)
+    for s in steps:
+        lo, hi = max(s.t0_ns, t0), min(s.t1_ns, t1)
+        if hi > lo:
+            out[s.phase] += (hi - lo) / (t1 - t0)
+    out[Phase.IDLE] = max(0.0, 1.0 - sum(out.values()))
+    return out
 
 
 def _phase_at(steps: list[StepRecord], t_ns: int) -> Phase:
@@ -103,7 +122,7 @@ def naive_attribution(trace: Trace, uuid: str, identity: GpuIdentity) -> GpuAttr
     for smp in samples:
         phase = _phase_at(steps, smp.t_ns)
         for k, v in smp.values.items():
-            if v is not None and k in LEVELS[Phase.PREFILL] | {"gpu_util": 0}:
+            if v is not None and (k in LEVELS[Phase.PREFILL] or k == "gpu_util"):
                 tagged[phase][k].append(v)
                 blended[k].append(v)
     spec = gpu_spec(H100)
@@ -172,11 +191,16 @@ class HarnessAgent:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--trace", type=Path, default=None)
     parser.add_argument("--model-name", default="tiny")
+    parser.add_argument("--write-only", type=float, default=None, metavar="SECONDS",
+                        help="Write a trace this long to --trace and exit (for `agent --source replay`).")
     args = parser.parse_args(argv)
     trace = args.trace or Path(tempfile.mkdtemp(prefix="phaselens-harness-")) / "trace.jsonl"
+    if args.write_only is not None:
+        write_trace(trace, seconds=args.write_only)
+        return 0
     if not trace.exists():
         write_trace(trace)
     agent = HarnessAgent(trace, args.model_name)
