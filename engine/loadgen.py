@@ -251,7 +251,8 @@ class LoadGenerator:
                             prompt_tokens=len(req.prompt), output_tokens=0, cached_tokens=0, ttft_s=None,
                             tpot_s=None, e2e_s=None)
         start = time.perf_counter()
-        first = last = None
+        first: float | None = None
+        last: float | None = None
         try:
             async with client.stream("POST", f"{self.base_url}/v1/completions", json=body,
                                      headers=headers) as resp:
@@ -282,7 +283,7 @@ class LoadGenerator:
                     if chunk.get("choices") and chunk["choices"][0].get("finish_reason") is None:
                         if first is None:
                             first = now
-                        else:
+                        elif last is not None:
                             res.itl_s.append(now - last)
                         last = now
         except (httpx.HTTPError, OSError, json.JSONDecodeError) as exc:

@@ -446,7 +446,7 @@ class APIServer:
             prompt = prompt[0]
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        ids = list(prompt)
+        ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # list[int] here: str lists left above
         bad = [t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)]
         if bad:
             raise _bad(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")

@@ -69,7 +69,8 @@ def stats_dict(stats: Any) -> dict[str, Any]:
     """An ``EngineStats`` as a plain picklable dict, phase keys as their lowercase names."""
     if stats is None:
         return {}
-    raw = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+    is_instance = dataclasses.is_dataclass(stats) and not isinstance(stats, type)
+    raw = dataclasses.asdict(stats) if is_instance else dict(vars(stats))
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if isinstance(value, dict):
