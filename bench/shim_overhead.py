@@ -171,7 +171,8 @@ def _machine(device: str) -> str:
         import torch
 
         return f"{platform.node()}, {torch.cuda.get_device_name(torch.device(device))}"
-    return f"{platform.node()}, CPU ({os.cpu_count()} cores)"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.node()}, CPU ({os.cpu_count()} cores, load average {load} at the end)"
 
 
 @click.command()
