@@ -103,7 +103,7 @@ class BlockManager:
                 del self.free[bid]
             block.ref_count += 1
             seq.block_table.append(bid)
-            seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
+            seq.block_hashes.append(block.hash)
         if cached:
             seq.num_computed_tokens = computed
         for _ in range(new):

@@ -17,6 +17,7 @@ that activations stay of order one through any number of layers (see :meth:`Llam
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class Rotary(nn.Module):
     """cos/sin tables for positions ``0 .. max_positions-1``, applied in the ``rotate_half`` layout."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         super().__init__()
@@ -76,7 +80,7 @@ class Rotary(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x [T, heads, head_dim]`` rotated (HF's ``rotate_half`` layout)."""
         half = x.shape[-1] // 2
         rotated = torch.cat([x[..., half:], x[..., :half]], dim=-1)
@@ -105,7 +109,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_proj)
         # q and k are adjacent in the fused projection: rotate both heads at once
-        qk = Rotary.apply(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
+        qk = Rotary.rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         return qk[:, :self.num_heads], qk[:, self.num_heads:], v
 
@@ -137,6 +141,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    post_attention_layernorm: RMSNorm
+    mlp: MLP
+
     def __init__(self, config: ModelConfig, layer: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
@@ -159,6 +168,8 @@ class LlamaModel(nn.Module):
         h = config.hidden_size
         self.embed_tokens = _param(config.vocab_size, h, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))
+        #: the same modules, typed (ModuleList items are plain Modules to a type checker)
+        self.decoder_layers = cast(list[DecoderLayer], list(self.layers))
         self.norm = RMSNorm(h, config.rms_norm_eps, device, dtype)
         self.lm_head = (None if config.tie_word_embeddings
                         else _param(config.vocab_size, h, device=device, dtype=dtype))
@@ -187,7 +198,7 @@ class LlamaModel(nn.Module):
             p.normal_(0.0, std, generator=g)
 
         fill(self.embed_tokens, 1.0)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp
             fill(attn.qkv_proj, attn.qkv_proj.shape[1] ** -0.5)
             fill(attn.o_proj, (attn.o_proj.shape[1] * depth) ** -0.5)
@@ -209,7 +220,7 @@ class LlamaModel(nn.Module):
         """
         x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.angles(positions)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             x = x + layer.self_attn(layer.input_layernorm(x), rope, meta, kv_cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
@@ -225,7 +236,7 @@ class LlamaModel(nn.Module):
         positions = torch.arange(input_ids.shape[0], device=input_ids.device)
         x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.angles(positions)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             x = x + layer.self_attn.forward_dense(layer.input_layernorm(x), rope)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.compute_logits(self.norm(x))
@@ -253,7 +264,7 @@ class LlamaModel(nn.Module):
         if self.lm_head is not None:
             out["lm_head.weight"] = self.lm_head.data
         c = self.config
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             p = f"model.layers.{i}."
             q, k, v = layer.self_attn.qkv_proj.data.split([c.q_size, c.kv_size, c.kv_size])
             gate, up = layer.mlp.gate_up_proj.data.split([c.intermediate_size, c.intermediate_size])
@@ -289,7 +300,7 @@ class LlamaModel(nn.Module):
         put(self.norm.weight, "model.norm.weight")
         if self.lm_head is not None:
             put(self.lm_head, "lm_head.weight")
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             p = f"model.layers.{i}."
             put(layer.self_attn.qkv_proj, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
             put(layer.self_attn.o_proj, p + "self_attn.o_proj.weight")

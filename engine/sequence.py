@@ -43,7 +43,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = ""
         #: the detokenizer is attached by the engine
-        self.detokenizer = None  # type: ignore[var-annotated]
+        self.detokenizer = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
