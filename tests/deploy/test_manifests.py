@@ -156,6 +156,8 @@ def test_profiling_overlay_adds_sys_admin_only_to_the_agent() -> None:
         pytest.skip("the overlay's JSON patch needs a kustomize binary to apply")
     assert prof["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
     assert prof["initContainers"] == base["initContainers"]
+    assert "--source=gpm" in prof["containers"][0]["args"]
+    assert not [a for a in prof["containers"][0]["args"] if a.startswith(("--dcgm-url", "--source=dcgm"))]
     rt = _agent(_build(DEPLOY / "overlays" / "nvidia-runtime"))
     assert rt["runtimeClassName"] == "nvidia"
 
@@ -192,3 +194,18 @@ def test_install_test_deps_script_is_valid_bash() -> None:
     proc = subprocess.run(["bash", "-n", str(DEPLOY / "install-test-deps.sh")], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("path", [DEPLOY / "base", DEPLOY / "overlays" / "profiling"], ids=lambda p: p.name)
+def test_agent_args_are_accepted_by_the_agent_cli(path: Path) -> None:
+    commands = pytest.importorskip("phaselens.agent.commands", reason="phaselens agent not present")
+    if path.name == "profiling" and not _kustomize_cmd():
+        pytest.skip("the overlay's JSON patch needs a kustomize binary to apply")
+    (agent,) = _agent(_docs(path))["containers"]
+    assert agent["args"][0] == "agent"
+    env = {"HOST_IP": "10.0.0.7"}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in agent["args"][1:]]
+    ctx = commands.agent.make_context("agent", args)  # click parses and validates every flag
+    port = next(p["containerPort"] for p in agent["ports"] if p["name"] == "metrics")
+    assert ctx.params["port"] == port and ctx.params["listen_address"] == "0.0.0.0"
+    assert ctx.params["socket_path"] == "/run/phaselens/phaselens.sock"
