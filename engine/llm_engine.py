@@ -76,6 +76,9 @@ class EngineStats:
     num_preemptions: int
     steps_by_phase: dict[Phase, int] = field(default_factory=dict)
     step_seconds_by_phase: dict[Phase, float] = field(default_factory=dict)
+    #: tokens run so far: prompt (and recompute) chunk tokens, and decode tokens
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
 
 
 class LLMEngine:
@@ -117,6 +120,8 @@ class LLMEngine:
         self._gen_counter = itertools.count()
         self.steps_by_phase: dict[Phase, int] = {p: 0 for p in Phase.busy()}
         self.step_seconds_by_phase: dict[Phase, float] = {p: 0.0 for p in Phase.busy()}
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
 
     def _make_shim(self):  # -> PhaseShim; imported here so the engine module stays light to import
         from phaselens.serving_shim.shim import DEFAULT_SOCKET_PATH, PhaseShim
@@ -192,6 +197,8 @@ class LLMEngine:
         sampled = sampled_dev.tolist()  # the step's one host synchronization
         self.steps_by_phase[phase] += 1
         self.step_seconds_by_phase[phase] += time.perf_counter() - t0
+        self.decode_tokens += out.num_decodes
+        self.prefill_tokens += out.num_tokens - out.num_decodes
         self.scheduler.update(out)
         outputs = [self._append(out.scheduled[i].seq, tok) for i, tok in zip(inputs.sample_index, sampled)]
         self.shim.poll()
@@ -238,7 +245,8 @@ class LLMEngine:
                            kv_usage=self.block_manager.usage, prefix_hit_tokens=s.prefix_hit_tokens,
                            prefix_query_tokens=s.prefix_query_tokens, num_preemptions=s.num_preemptions,
                            steps_by_phase=dict(self.steps_by_phase),
-                           step_seconds_by_phase=dict(self.step_seconds_by_phase))
+                           step_seconds_by_phase=dict(self.step_seconds_by_phase),
+                           prefill_tokens=self.prefill_tokens, decode_tokens=self.decode_tokens)
 
     def generate(self, prompts: list[str],
                  params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

@@ -93,6 +93,7 @@ def test_batched_chunked_paged_engine_equals_dense_reference() -> None:
     st = e.stats()
     assert st.num_running == st.num_waiting == 0 and st.kv_usage == 0.0
     assert sum(st.steps_by_phase.values()) == len(steps)
+    assert st.prefill_tokens == sum(map(len, prompts)) and st.decode_tokens == sum(max_tokens) - len(prompts)
 
 
 def test_preemption_with_a_tiny_kv_pool_gives_the_same_output() -> None:
