@@ -2,6 +2,8 @@
 # Builds .devpath/phaselens: the installed package layout (DESIGN.md "Layout") made of symlinks, for machines
 # where we run from the tree without `pip install` (the GPU machine). Use:
 #   eval "$(bash bench/devpath.sh)"; python3 -m phaselens --help
+# pytest must not put the checkout's own phaselens/ folder (which lacks the mapped subpackages) first on
+# sys.path: run it as `python3 -P -m pytest --import-mode=importlib -p no:cacheprovider tests/...`.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=$root/.devpath/phaselens

@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Union
+from typing import IO, Any, Callable, Iterable, Iterator, Union
 
 from phaselens.phase import Clock, Phase, Role
 
@@ -226,7 +226,8 @@ def _parse_sample(obj: dict[str, Any]) -> SampleRecord:
                         values=values)
 
 
-_PARSERS = {"meta": _parse_meta, "step": _parse_step, "sample": _parse_sample}
+_PARSERS: dict[str, Callable[[dict[str, Any]], Record]] = {
+    "meta": _parse_meta, "step": _parse_step, "sample": _parse_sample}
 
 
 def parse_record(obj: Any) -> Record | None:
@@ -315,8 +316,8 @@ class Trace:
         if self.meta:
             for g in self.meta.gpus:
                 seen[g.uuid] = None
-        for rec in (*self.steps, *self.samples):
-            seen.setdefault(rec.gpu_uuid, None)
+        for uuid in [s.gpu_uuid for s in self.steps] + [s.gpu_uuid for s in self.samples]:
+            seen.setdefault(uuid, None)
         return list(seen)
 
 
