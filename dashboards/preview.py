@@ -93,7 +93,7 @@ class PhaseSplitPreview:
         fig, ax = plt.subplots(figsize=(12, 4.5), dpi=100)
         for s in sorted(series, key=lambda s: (s.labels.get("phase", ""), s.labels.get("metric", ""))):
             phase, metric = s.labels.get("phase", "?"), s.labels.get("metric", "?")
-            ax.plot([datetime.fromtimestamp(t, tz=timezone.utc) for t in s.t], s.v,
+            ax.plot(mdates.date2num([datetime.fromtimestamp(t, tz=timezone.utc) for t in s.t]), s.v,
                     linestyle=_STYLE.get(phase, "-"), color=_COLOR.get(metric), label=f"{phase} {metric}")
         ax.set_ylim(0, 1)
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))

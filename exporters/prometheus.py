@@ -42,7 +42,7 @@ _RAW_GAUGES = {
 }
 
 
-def _family(spec: MetricSpec) -> Metric:
+def _family(spec: MetricSpec) -> Any:
     """An empty metric family for ``spec`` with the catalogue's name, help, unit and labels."""
     labels = list(spec.labels)
     if spec.type == "gauge":
@@ -66,7 +66,7 @@ class AgentCollector(Collector):
         self._errors = 0
         self._errors_lock = threading.Lock()
 
-    def describe(self) -> list[Metric]:
+    def describe(self) -> list[Any]:
         """The families this collector produces (lets the registry check for duplicate names up front)."""
         return [_family(spec) for spec in by_producer("agent")]
 

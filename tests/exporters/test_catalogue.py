@@ -99,3 +99,17 @@ def test_engine_produces_every_catalogue_engine_metric() -> None:
     if missing:
         # Reported, not hidden: the catalogue follows DESIGN.md, the engine has not caught up yet.
         pytest.xfail(f"the engine does not produce yet: {missing}")
+
+
+def test_metric_names_written_anywhere_in_the_code_are_in_the_catalogue() -> None:
+    """A metric name spelt out as a string in any package (a query, a parser) must be a catalogue name."""
+    root = Path(__file__).resolve().parents[2]
+    known = {s for m in catalogue.METRICS for s in m.sample_names} | {m.base_name for m in catalogue.METRICS}
+    bad = []
+    for folder in ("phaselens", "engine", "serving_shim", "kernels", "agent", "exporters", "dashboards",
+                   "advisor"):
+        for path in (root / folder).rglob("*.py"):
+            for name in re.findall(r"[\"'](phaselens_[a-z0-9_]+)[\"'{\[]", path.read_text(errors="replace")):
+                if name not in known and not name.endswith("_"):
+                    bad.append(f"{path.relative_to(root)}: {name}")
+    assert not bad, "metric names not in exporters/catalogue.py:\n" + "\n".join(bad)
