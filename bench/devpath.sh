@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# Builds .devpath/phaselens: the installed package layout (DESIGN.md "Layout") made of symlinks, for machines
-# where we run from the tree without `pip install` (the GPU machine). Use:
-#   eval "$(bash bench/devpath.sh)"; python3 -m phaselens --help
-# pytest must not put the checkout's own phaselens/ folder (which lacks the mapped subpackages) first on
-# sys.path: run it as `python3 -P -m pytest --import-mode=importlib -p no:cacheprovider tests/...`.
+# Makes the checkout importable as the installed `phaselens` package (DESIGN.md "Layout": phaselens.agent
+# lives in agent/, ...) without `pip install`, for the GPU machine, where nothing can be installed. Use:
+#   eval "$(bash bench/devpath.sh)"; python3 -m phaselens --help; python3 -m pytest -q tests/...
+# It writes .devpath/sitecustomize.py, a meta-path finder mapping phaselens.<sub> to <root>/<sub>, as
+# setuptools' editable install does; so it works whatever sits first on sys.path (pytest puts the checkout
+# there, whose phaselens/ folder alone lacks the subpackages).
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
-dest=$root/.devpath/phaselens
 rm -rf "$root/.devpath"
-mkdir -p "$dest"
-for f in "$root"/phaselens/*; do ln -s "$f" "$dest/$(basename "$f")"; done
-for d in engine serving_shim kernels agent exporters dashboards advisor; do ln -s "$root/$d" "$dest/$d"; done
-echo "export PYTHONPATH=$root/.devpath\${PYTHONPATH:+:\$PYTHONPATH}"
+mkdir -p "$root/.devpath"
+cat > "$root/.devpath/sitecustomize.py" <<PY
+import importlib.machinery
+import sys
+
+_ROOT = "$root"
+_SUBPACKAGES = ("engine", "serving_shim", "kernels", "agent", "exporters", "dashboards", "advisor")
+
+
+class _PhaselensDevFinder:
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        parts = fullname.split(".")
+        if len(parts) == 2 and parts[0] == "phaselens" and parts[1] in _SUBPACKAGES:
+            return importlib.machinery.PathFinder.find_spec(fullname, [_ROOT])
+        return None
+
+
+sys.meta_path.insert(0, _PhaselensDevFinder())
+PY
+echo "export PYTHONPATH=$root/.devpath:$root\${PYTHONPATH:+:\$PYTHONPATH}"
