@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -61,8 +61,12 @@ def gpu_label_values(gpu: GpuIdentity, hostname: str) -> list[str]:
 class AgentCollector(Collector):
     """prometheus_client custom collector over an :class:`AgentState` (one snapshot per scrape)."""
 
-    def __init__(self, state: AgentState):
+    def __init__(self, state: AgentState, rejection_reasons: Iterable[str] = ()):
+        """``rejection_reasons``: every reason the phase receiver can count (agent/receiver.py REASONS);
+        each is exported from the start at 0, so ``rate()`` of a reason that has not happened yet is 0
+        rather than no data (Prometheus' advice: initialise the label values you know)."""
         self.state = state
+        self.rejection_reasons = tuple(rejection_reasons)
         self._errors = 0
         self._errors_lock = threading.Lock()
 
@@ -113,7 +117,8 @@ class AgentCollector(Collector):
             failed += 0 if health.success else 1
         fam["phaselens_agent_samplers_failed"].add_metric([host], float(failed))
         fam["phaselens_shim_events_received_total"].add_metric([host], float(snap.shim_received))
-        for reason, n in sorted(snap.shim_rejected.items()):
+        rejected = {reason: 0 for reason in self.rejection_reasons} | snap.shim_rejected
+        for reason, n in sorted(rejected.items()):
             fam["phaselens_shim_events_rejected_total"].add_metric([host, reason], float(n))
 
         for uuid, att in sorted(snap.attribution.items()):
@@ -171,10 +176,10 @@ def _le(bound: float) -> str:
     return floatToGoString(bound)
 
 
-def agent_registry(state: AgentState) -> CollectorRegistry:
+def agent_registry(state: AgentState, rejection_reasons: Iterable[str] = ()) -> CollectorRegistry:
     """A fresh registry holding only the agent collector (what the daemon serves on /metrics)."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(AgentCollector(state))
+    registry.register(AgentCollector(state, rejection_reasons))
     return registry
 
 

@@ -127,3 +127,11 @@ def test_promtool_check_metrics_is_clean(make_state: Any) -> None:
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
         proc.stdout.decode() + proc.stderr.decode())
+
+
+def test_known_rejection_reasons_start_at_zero() -> None:
+    state = AgentState("node-a")
+    state.count_rejected("malformed", 3)
+    v = _values(generate_latest(agent_registry(state, rejection_reasons=("malformed", "oversize"))).decode())
+    assert v[("phaselens_shim_events_rejected_total", (("hostname", "node-a"), ("reason", "malformed")))] == 3
+    assert v[("phaselens_shim_events_rejected_total", (("hostname", "node-a"), ("reason", "oversize")))] == 0
