@@ -19,9 +19,10 @@ bucket boundaries).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -170,6 +171,39 @@ class OtlpExporter:
     def shutdown(self) -> None:
         """Final export and stop."""
         self.provider.shutdown()
+
+
+def from_environment(state: AgentState, environ: Mapping[str, str] | None = None) -> OtlpExporter | None:
+    """An exporter configured by the standard OpenTelemetry variables, or None when no endpoint is set.
+
+    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` (used as is) or ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base URL),
+    ``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``http/protobuf``, the
+    default, or ``grpc``), ``OTEL_METRIC_EXPORT_INTERVAL`` (ms, default 60000, as the specification says).
+    A bad value raises ValueError naming the variable and the value.
+    """
+    env = os.environ if environ is None else environ
+    endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        return None
+    proto_var = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL" if "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL" in env
+                 else "OTEL_EXPORTER_OTLP_PROTOCOL")
+    proto = env.get(proto_var, "http/protobuf")
+    protocol = {"http/protobuf": "http", "grpc": "grpc"}.get(proto)
+    if protocol is None:
+        raise ValueError(f"{proto_var}={proto!r} is not supported; use http/protobuf or grpc")
+    if protocol == "grpc" and "://" in endpoint:
+        endpoint = endpoint.split("://", 1)[1].rstrip("/")
+    raw_interval = env.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")
+    try:
+        interval_s = float(raw_interval) / 1000.0
+    except ValueError:
+        interval_s = -1.0
+    if not interval_s > 0:
+        raise ValueError(f"OTEL_METRIC_EXPORT_INTERVAL={raw_interval!r} is not a positive number of ms")
+    try:
+        return OtlpExporter(state, endpoint=endpoint, protocol=protocol, interval_s=interval_s)
+    except ValueError as exc:
+        raise ValueError(f"OTLP endpoint from the environment: {exc}") from None
 
 
 class GenAiServerMetrics:

@@ -14,7 +14,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from phaselens.exporters import catalogue
-from phaselens.exporters.otlp import GenAiServerMetrics, OtlpExporter, metrics_endpoint
+from phaselens.exporters.otlp import (GenAiServerMetrics, OtlpExporter, from_environment,
+                                      metrics_endpoint)
 from phaselens.phase import Clock, Phase, Role
 from phaselens.trace import StepRecord
 from tests.exporters.states import GPU0, full_state
@@ -194,3 +195,19 @@ def test_otlp_grpc_push_is_decoded_by_a_local_receiver() -> None:
     names = _decoded_names(received[0])
     assert names["phaselens.phase.time"].unit == "1"
     assert names["hw.power"].unit == "W"
+
+
+def test_from_environment(http_receiver: Any) -> None:
+    url, received = http_receiver
+    assert from_environment(full_state(), {}) is None
+    exporter = from_environment(full_state(), {"OTEL_EXPORTER_OTLP_ENDPOINT": url,
+                                               "OTEL_METRIC_EXPORT_INTERVAL": "3600000"})
+    assert exporter is not None and exporter.flush(timeout_s=10)
+    exporter.shutdown()
+    assert "phaselens.phase.utilization" in _decoded_names(received[0])
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL='http/json'"):
+        from_environment(full_state(), {"OTEL_EXPORTER_OTLP_ENDPOINT": url,
+                                        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    with pytest.raises(ValueError, match="OTEL_METRIC_EXPORT_INTERVAL='soon'"):
+        from_environment(full_state(), {"OTEL_EXPORTER_OTLP_ENDPOINT": url,
+                                        "OTEL_METRIC_EXPORT_INTERVAL": "soon"})
