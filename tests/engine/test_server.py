@@ -135,8 +135,8 @@ def test_models_and_metrics(live) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after() -> None:
-    # one fake worker whose steps take 1 s: admitted requests wait for their first token that long
-    with LiveServer(fake_workers(1, step_s=1.0), max_queue=2) as srv:
+    # one fake worker whose steps take 2 s: admitted requests wait for their first token that long
+    with LiveServer(fake_workers(1, step_s=2.0), max_queue=2) as srv:
         body = {"model": "tiny", "prompt": "q", "max_tokens": 1}
         barrier = threading.Barrier(5)
 
