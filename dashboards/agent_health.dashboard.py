@@ -38,5 +38,11 @@ dashboard = dashboard(
                                         "{{hostname}} GPU {{gpu}}")], "s", (16, 25, 8, 8)),
         timeseries("Scrape target up", [('up{job=~"phaselens.*"}', "{{job}} {{instance}}")], "none",
                    (0, 33, 24, 6)),
+        timeseries("GPU power (latest NVML reading)", [(m("phaselens_gpu_power_watts") + sel(GPU_SEL),
+                                                        "{{hostname}} GPU {{gpu}}")], "watt", (0, 39, 8, 8)),
+        timeseries("SM clock", [(m("phaselens_gpu_sm_clock_hertz") + sel(GPU_SEL),
+                                 "{{hostname}} GPU {{gpu}}")], "hertz", (8, 39, 8, 8)),
+        timeseries("GPU memory used", [(m("phaselens_gpu_memory_used_bytes") + sel(GPU_SEL),
+                                        "{{hostname}} GPU {{gpu}}")], "bytes", (16, 39, 8, 8)),
     ],
 )
