@@ -23,10 +23,12 @@ of the GPM windows that lie wholly inside a pure run.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import platform
+from types import SimpleNamespace
 import multiprocessing as mp
-import os
 import random
 import socket
 import sys
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 GPM_METRICS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active")
 GPM_IDS = {"sm_active": 2, "sm_occupancy": 3, "tensor_active": 5, "dram_active": 10, "fp16_active": 13}
@@ -41,6 +44,19 @@ GPM_IDS = {"sm_active": 2, "sm_occupancy": 3, "tensor_active": 5, "dram_active":
 #: name -> (min_ms, max_ms) of step lengths; "8b" is drawn per phase below.
 REGIMES = {"long": (150.0, 600.0), "medium": (40.0, 150.0), "short": (10.0, 40.0), "8b": (0.0, 0.0)}
 PHASES = ("prefill", "decode", "mixed")
+#: "prefill" kernels: (m, k, n, batch) of a bf16 matmul. mm8192 draws the H100 to its 700 W cap (its clock
+#: drops to ~1.4 GHz in long runs, ~1.8 GHz between decode steps: the signature itself moves with the clock);
+#: the smaller ones are prefill-chunk shaped (a 2048-token chunk through an 8B MLP up-projection, ...).
+PREFILL_KERNELS = {
+    "mm8192": (8192, 8192, 8192, 1),
+    "mm4096": (4096, 4096, 4096, 1),
+    "chunk2048": (2048, 4096, 14336, 1),
+    "chunk1024": (1024, 8192, 8192, 1),
+    "bmm16x1024": (1024, 1024, 1024, 16),
+}
+#: step lengths of the 8B-shaped regime, and the duty cycles of the truth runs beside the pure ones
+STEP_8B_MS = {"prefill": 45.0, "decode": 10.0, "mixed": 20.0}
+DUTIES = (0.5, 0.25)
 
 
 # ------------------------------------------------------------------ the poller (its own process: no GIL)
@@ -134,16 +150,19 @@ def _kernel_counts(phase: str, ms: float, cal: dict[str, float]) -> tuple[int, i
 class Workload:
     """Phase-controlled GPU bursts with CUDA-event intervals mapped to wall clock."""
 
-    def __init__(self, device: str = "cuda:0", seed: int = 0):
+    def __init__(self, device: str = "cuda:0", seed: int = 0, prefill_kernel: str = "mm8192"):
         import torch
 
         self.torch = torch
         self.dev = torch.device(device)
         g = torch.Generator(device=self.dev).manual_seed(seed)
-        n = 8192
-        self.a = torch.randn(n, n, device=self.dev, dtype=torch.bfloat16, generator=g)
-        self.b = torch.randn(n, n, device=self.dev, dtype=torch.bfloat16, generator=g)
-        self.c = torch.empty(n, n, device=self.dev, dtype=torch.bfloat16)
+        self.prefill_kernel = prefill_kernel
+        m, k, n, batch = PREFILL_KERNELS[prefill_kernel]
+        self.a = torch.randn(batch, m, k, device=self.dev, dtype=torch.bfloat16, generator=g).squeeze(0)
+        self.b = torch.randn(batch, k, n, device=self.dev, dtype=torch.bfloat16, generator=g).squeeze(0)
+        self.c = torch.empty(batch, m, n, device=self.dev, dtype=torch.bfloat16).squeeze(0)
+        self.big_flops = 2.0 * m * k * n * batch
+        self.big_bytes = 2.0 * batch * (m * k + k * n + m * n)
         # decode-shaped: batch-16 activations against a 8192 x 57344 bf16 weight (0.94 GB, far beyond L2)
         self.w = torch.randn(57344, 8192, device=self.dev, dtype=torch.bfloat16, generator=g)
         self.x = torch.randn(16, 8192, device=self.dev, dtype=torch.bfloat16, generator=g)
@@ -249,7 +268,8 @@ def make_plan(regime: str, seconds: float, rng: random.Random) -> list[tuple[str
     return plan
 
 
-def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int) -> None:
+def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
+           prefill_kernel: str = "mm8192") -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -257,9 +277,9 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int)
     stop, ready = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_poller, args=(stop, ready, str(out / "raw_poll.jsonl"), 0, poll_ms), daemon=True)
     proc.start()
-    wl = Workload()
+    wl = Workload(prefill_kernel=prefill_kernel)
     cal = wl.calibrate()
-    print(f"calibration: big matmul {cal['big']:.3f} ms ({2 * 8192**3 / cal['big'] / 1e9:.0f} TFLOP/s), "
+    print(f"calibration: {prefill_kernel} {cal['big']:.3f} ms ({wl.big_flops / cal['big'] / 1e9:.0f} TFLOP/s), "
           f"skinny {cal['skinny']:.3f} ms ({57344 * 8192 * 2 / cal['skinny'] / 1e9:.0f} GB/s)", flush=True)
     if not ready.wait(30):
         raise SystemExit("poller did not start")
@@ -268,16 +288,29 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int)
     steps: list[dict] = []
     spans: list[dict] = []
 
-    def pure(tag: str) -> None:
+    def truth_runs(tag: str) -> None:
+        """Per phase: a pure run (duty 1) and duty-cycled runs (steps of the 8B regime's length with idle gaps),
+        whose lower power lets the clock rise as it does in the mixed regimes (see ``matched_truth``)."""
         for phase in PHASES:
             t = time.time_ns()
             steps.extend(wl.run_steps([(phase, 100.0, 0.0)] * int(pure_s * 10), f"pure_{tag}"))
-            spans.append({"kind": "pure", "phase": phase, "start_ns": t, "end_ns": time.time_ns()})
+            spans.append({"kind": "pure", "phase": phase, "duty": 1.0, "start_ns": t, "end_ns": time.time_ns()})
+            for duty in DUTIES:
+                length = STEP_8B_MS[phase]
+                plan, total = [], 0.0
+                while total < pure_s * 1000:
+                    gap = rng.expovariate(duty / (length * (1 - duty)))
+                    plan.append((phase, length, gap))
+                    total += length + gap
+                t = time.time_ns()
+                steps.extend(wl.run_steps(plan, f"duty_{tag}"))
+                spans.append({"kind": "duty", "phase": phase, "duty": duty, "start_ns": t,
+                              "end_ns": time.time_ns()})
         t = time.time_ns()
         time.sleep(pure_s / 2)
-        spans.append({"kind": "pure", "phase": "idle", "start_ns": t, "end_ns": time.time_ns()})
+        spans.append({"kind": "pure", "phase": "idle", "duty": 0.0, "start_ns": t, "end_ns": time.time_ns()})
 
-    pure("a")
+    truth_runs("a")
     for regime in REGIMES:
         time.sleep(0.5)
         t = time.time_ns()
@@ -285,7 +318,7 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int)
         spans.append({"kind": "regime", "regime": regime, "start_ns": t, "end_ns": time.time_ns()})
         print(f"regime {regime}: done", flush=True)
     time.sleep(0.5)
-    pure("b")
+    truth_runs("b")
     # the reference again: how far the GPU clock drifted from the host clock over the run
     old_ref, old_ns = wl.ref, wl.ref_ns
     wl.set_reference()
@@ -293,8 +326,9 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int)
     stop.set()
     proc.join(10)
     meta = {"host": socket.gethostname(), "gpu": torch.cuda.get_device_name(0), "calibration_ms": cal,
-            "clock_drift_ns": drift_ns, "ref1_ns": old_ns, "ref2_ns": wl.ref_ns, "poll_ms": poll_ms, "regime_s": regime_s, "pure_s": pure_s,
-            "spans": spans}
+            "clock_drift_ns": drift_ns, "ref1_ns": old_ns, "ref2_ns": wl.ref_ns, "poll_ms": poll_ms,
+            "regime_s": regime_s, "pure_s": pure_s, "spans": spans, "prefill_kernel": prefill_kernel,
+            "big_flops": wl.big_flops, "big_bytes": wl.big_bytes}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     with open(out / "steps.jsonl", "w") as fh:
         for s in steps:
@@ -380,6 +414,85 @@ def truth_from_pure(meta: dict, gpm: list[dict]) -> dict[str, dict[str, float]]:
     return {ph: {k: sum(v[k] for v in rows) / len(rows) for k in GPM_METRICS} for ph, rows in acc.items()}
 
 
+def _phase_timeline(steps: list[dict], t_ref: int):
+    from phaselens.agent.attribution import _Timeline
+    from phaselens.phase import Phase
+
+    recs = [SimpleNamespace(t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], phase=Phase.parse(st["phase"])) for st in steps]
+    return _Timeline.build(recs, t_ref)  # type: ignore[arg-type]
+
+
+def _clock_during(nvml: list[dict], steps: list[dict]) -> float | None:
+    """Mean SM clock (MHz) of the NVML polls taken while one of ``steps`` ran."""
+    if not steps:
+        return None
+    t0 = np.array([st["t0_ns"] for st in steps])
+    t1 = np.array([st["t1_ns"] for st in steps])
+    order = np.argsort(t0)
+    t0, t1 = t0[order], t1[order]
+    vals = []
+    for rec in nvml:
+        i = np.searchsorted(t0, rec["t"], side="right") - 1
+        if i >= 0 and rec["t"] <= t1[i]:
+            vals.append(rec["sm_clock_hz"] / 1e6)
+    return float(np.mean(vals)) if vals else None
+
+
+def truth_points(meta: dict, steps: list[dict], gpm: list[dict], nvml: list[dict]) -> dict[str, list[dict]]:
+    """Per phase, one point per truth run: its duty, mean SM clock and per-metric values.
+
+    Pure runs (duty 1): the mean of the windows wholly inside. Duty-cycled runs: single phase plus idle, and
+    idle reads 0 on every metric (measured), so ``value = u * f`` per window; the window offset is the one
+    that fits best (scanned 0-200 ms, 1 ms) and ``u = sum(value) / sum(f)``."""
+    points: dict[str, list[dict]] = {}
+    for span in meta["spans"]:
+        if span["kind"] not in ("pure", "duty") or span["phase"] == "idle":
+            continue
+        lo, hi = span["start_ns"] + 500_000_000, span["end_ns"]
+        ups = [(rec, gpm_values(rec)) for rec in gpm if lo < (rec["t0"] + rec["t1"]) // 2 < hi]
+        ups = [(rec, v) for rec, v in ups if v["sm_active"] is not None]
+        mine = [st for st in steps if span["start_ns"] <= st["t0_ns"] < span["end_ns"]]
+        if len(ups) < 10 or not mine:
+            continue
+        Y = np.array([[v[k] for k in GPM_METRICS] for _, v in ups])
+        if span["kind"] == "pure":
+            values = Y.mean(axis=0)
+        else:
+            t_ref = mine[0]["t0_ns"]
+            tl = _phase_timeline(mine, t_ref)
+            t = np.array([((rec["t0"] + rec["t1"]) // 2 - t_ref) / 1e9 for rec, _ in ups])
+            best = None
+            for off in np.arange(0.0, 0.2, 0.001):
+                f = tl.fractions(t - off - 0.1, t - off)[:, :3].sum(axis=1)
+                # the ratio of sums, not the slope through the origin: errors in f would bias a slope down
+                u = Y.sum(axis=0) / max(float(f.sum()), 1e-9)
+                r = float(np.mean((Y[:, 0] - u[0] * f) ** 2))
+                if best is None or r < best[0]:
+                    best = (r, u)
+            values = best[1]
+        points.setdefault(span["phase"], []).append({
+            "duty": span.get("duty", 1.0), "clock_mhz": _clock_during(nvml, mine),
+            "values": {k: float(v) for k, v in zip(GPM_METRICS, values)}})
+    return points
+
+
+def matched_truth(points: list[dict], clock_mhz: float | None) -> dict[str, float] | None:
+    """The phase's values at ``clock_mhz``: a straight-line fit of value against SM clock over the truth runs.
+    None when the runs do not span at least 100 MHz (no slope to trust)."""
+    pts = [p for p in points if p["clock_mhz"] is not None]
+    if clock_mhz is None or len(pts) < 2:
+        return None
+    clocks = np.array([p["clock_mhz"] for p in pts])
+    if clocks.max() - clocks.min() < 100:
+        return None
+    out = {}
+    for key in GPM_METRICS:
+        slope, icpt = np.polyfit(clocks, [p["values"][key] for p in pts], 1)
+        c = float(np.clip(clock_mhz, clocks.min() - 50, clocks.max() + 50))
+        out[key] = float(icpt + slope * c)
+    return out
+
+
 def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates_only: bool = False,
                  with_nvml: bool = True) -> dict[str, Path]:
     """One trace file per regime under ``dest`` plus ``truth.json``; returns regime -> path."""
@@ -395,7 +508,23 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
                   peak_dram_bytes_per_s=spec.peak_dram_bytes_per_s if spec else None)
     dest.mkdir(parents=True, exist_ok=True)
     truth = truth_from_pure(meta, gpm)
-    (dest / "truth.json").write_text(json.dumps({"gpu": name, "uuid": uuid, "truth": truth}, indent=1) + "\n")
+    points = truth_points(meta, steps, gpm, nvml)
+    matched: dict[str, dict[str, dict[str, float]]] = {}
+    clocks: dict[str, dict[str, float | None]] = {}
+    for span in meta["spans"]:
+        if span["kind"] != "regime":
+            continue
+        regime = span["regime"]
+        clocks[regime] = {}
+        for phase in PHASES:
+            mine = [st for st in steps if st["regime"] == regime and st["phase"] == phase]
+            clocks[regime][phase] = _clock_during(nvml, mine)
+            m = matched_truth(points.get(phase, []), clocks[regime][phase])
+            if m is not None:
+                matched.setdefault(regime, {})[phase] = m
+    (dest / "truth.json").write_text(json.dumps(
+        {"gpu": name, "uuid": uuid, "truth": truth, "truth_runs": points, "regime_clock_mhz": clocks,
+         "matched_truth": matched}, indent=1) + "\n")
     paths = {}
     for span in meta["spans"]:
         if span["kind"] != "regime":
@@ -414,8 +543,8 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
                     t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], clock=Clock.GPU,
                     prefill_tokens=8192 * st["big"], decode_tokens=16 * (st["skinny"] > 0),
                     batch=16 if st["skinny"] else 1, context_tokens=0,
-                    flops=float(st["big"] * BIG_FLOPS + st["skinny"] * SKINNY_FLOPS),
-                    bytes=float(st["big"] * BIG_BYTES + st["skinny"] * SKINNY_BYTES)))
+                    flops=float(st["big"] * meta.get("big_flops", BIG_FLOPS) + st["skinny"] * SKINNY_FLOPS),
+                    bytes=float(st["big"] * meta.get("big_bytes", BIG_BYTES) + st["skinny"] * SKINNY_BYTES)))
             for rec in gpm:
                 t = (rec["t0"] + rec["t1"]) // 2
                 if not t_lo <= t < t_hi:
@@ -432,8 +561,9 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
     return paths
 
 
-def evaluate(traces: dict[str, Path], truth: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """Per regime and method: largest absolute error over TRUTH_KEYS x the phases that ran."""
+def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
+    """Per regime, method and truth ("pure": the pure runs; "matched": the truth runs' values at the clock the
+    phase ran at in that regime, where available): the largest absolute error over TRUTH_KEYS x phases."""
     from phaselens.agent.attribution import AttributionConfig, Attributor
     from phaselens.agent.state import GpuIdentity
     from phaselens.phase import Phase
@@ -444,35 +574,56 @@ def evaluate(traces: dict[str, Path], truth: dict[str, dict[str, float]]) -> dic
         tr = read_trace(path)
         uuid = tr.gpu_uuids()[0]
         ident = GpuIdentity(uuid=uuid, index=0, name=tr.meta.gpus[0].name if tr.meta else "")
-        out[regime] = {}
+        truths = {"pure": truth_doc["truth"]}
+        matched = truth_doc.get("matched_truth", {}).get(regime)
+        if matched:
+            truths["matched"] = {ph: matched.get(ph, truth_doc["truth"][ph]) for ph in PHASES}
+        out[regime] = {"windows": 0, "offset_ms": None}
         for method in ("naive", "unmix"):
             res = Attributor(AttributionConfig(method=method, horizon_s=3600)).attribute(ident, tr.steps, tr.samples)
-            worst, detail = 0.0, {}
             ran = {st.phase for st in tr.steps}
-            for phase in Phase.busy():
-                if phase not in ran:
-                    continue
-                pv = res.phases.get(phase)
-                for key in TRUTH_KEYS:
-                    est = pv.values.get(key) if pv else None
-                    err = 1.0 if est is None else abs(est - truth[phase.value][key])
-                    detail[f"{phase.value}.{key}"] = round(err, 4)
-                    worst = max(worst, err)
-            out[regime][method] = {"max_abs_error": worst, "errors": detail,
-                                   "offset_ms": None if res.alignment_offset_s is None
-                                   else res.alignment_offset_s * 1e3, "windows": res.windows}
+            out[regime]["windows"] = res.windows
+            if method == "unmix" and res.alignment_offset_s is not None:
+                out[regime]["offset_ms"] = res.alignment_offset_s * 1e3
+            for kind, truth in truths.items():
+                worst, detail = 0.0, {}
+                for phase in Phase.busy():
+                    if phase not in ran:
+                        continue
+                    pv = res.phases.get(phase)
+                    for key in TRUTH_KEYS:
+                        est = pv.values.get(key) if pv else None
+                        err = 1.0 if est is None else abs(est - truth[phase.value][key])
+                        detail[f"{phase.value}.{key}"] = round(err, 4)
+                        worst = max(worst, err)
+                out[regime][f"{method}_{kind}"] = {"max_abs_error": worst, "errors": detail}
     return out
 
 
-def print_table(results: dict[str, dict]) -> str:
-    lines = [f"{'regime':<8} {'naive max|err|':>15} {'unmix max|err|':>15} {'windows':>8}  worst unmix term"]
+def print_table(results: dict[str, dict], clocks: dict | None = None) -> str:
+    lines = [f"{'regime':<7} {'naive':>7} {'unmix':>7} | {'naive':>7} {'unmix':>7} {'windows':>8}  "
+             "worst unmix term (matched)  SM clock MHz p/d/m",
+             f"{'':<7} {'(pure-run truth)':>15} | {'(clock-matched truth)':>15}"]
     for regime, r in results.items():
-        worst = max(r["unmix"]["errors"].items(), key=lambda kv: kv[1])
-        lines.append(f"{regime:<8} {r['naive']['max_abs_error']:>15.3f} {r['unmix']['max_abs_error']:>15.3f} "
-                     f"{r['unmix']['windows']:>8}  {worst[0]}={worst[1]:.3f}")
+        m_n = r.get("naive_matched", {}).get("max_abs_error")
+        m_u = r.get("unmix_matched", {}).get("max_abs_error")
+        worst = max(r.get("unmix_matched", r["unmix_pure"])["errors"].items(), key=lambda kv: kv[1])
+        clk = "/".join("-" if c is None else f"{c:.0f}" for c in (clocks or {}).get(regime, {}).values())
+        lines.append(f"{regime:<7} {r['naive_pure']['max_abs_error']:>7.3f} {r['unmix_pure']['max_abs_error']:>7.3f} | "
+                     f"{'-' if m_n is None else f'{m_n:.3f}':>7} {'-' if m_u is None else f'{m_u:.3f}':>7} "
+                     f"{r['windows']:>8}  {worst[0]}={worst[1]:.3f}  {clk}")
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def append_results(text: str, command: str, gpu: str) -> None:
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(path, "a") as fh:
+        fh.write(f"\n## attribution accuracy ({stamp}, {gpu}, {platform.node()})\n\n`{command}`\n\n"
+                 f"Largest absolute error over {{sm_active, tensor_active, dram_active}} x {{prefill, decode, mixed}}"
+                 f" per regime; target unmix <= 0.03.\n\n```\n{text}\n```\n")
 
 
 @click.group()
@@ -483,12 +634,57 @@ def main() -> None:
 @main.command("record")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--regime-s", type=float, default=45.0, show_default=True)
-@click.option("--pure-s", type=float, default=6.0, show_default=True)
+@click.option("--pure-s", type=float, default=4.0, show_default=True)
 @click.option("--poll-ms", type=float, default=10.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int) -> None:
+@click.option("--prefill-kernel", type=click.Choice(list(PREFILL_KERNELS)), default="mm8192", show_default=True)
+def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int, prefill_kernel: str) -> None:
     """Run the workload on the GPU and write raw recordings to OUT."""
-    record(out, regime_s, pure_s, poll_ms, seed)
+    record(out, regime_s, pure_s, poll_ms, seed, prefill_kernel)
+
+
+@main.command("probe-kernels")
+@click.option("--seconds", type=float, default=3.0, show_default=True)
+def probe_kernels(seconds: float) -> None:
+    """Power, SM clock and GPM activity of each prefill kernel (and decode) run back to back."""
+    import pynvml as nv
+    import torch
+
+    nv.nvmlInit()
+    h = nv.nvmlDeviceGetHandleByIndex(0)
+    s1, s2 = nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()
+    print(f"{'kernel':<12} {'ms':>7} {'TFLOP/s':>8} {'W':>6} {'MHz':>6} {'sm':>6} {'tensor':>7} {'dram':>6}")
+    for name in list(PREFILL_KERNELS) + ["decode"]:
+        wl = Workload(prefill_kernel=name if name != "decode" else "mm4096")
+        cal = wl.calibrate()
+        fn = wl.skinny if name == "decode" else wl.big
+        ms = cal["skinny" if name == "decode" else "big"]
+        end = time.monotonic() + seconds
+        power, clock = [], []
+        started = False
+        while time.monotonic() < end:
+            for _ in range(max(1, int(20 / ms))):
+                fn()
+            torch.cuda.synchronize()
+            if not started and time.monotonic() > end - seconds + 1.0:
+                nv.nvmlGpmSampleGet(h, s1)
+                started = True
+            if started:
+                power.append(nv.nvmlDeviceGetPowerUsage(h) / 1000)
+                clock.append(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))
+        nv.nvmlGpmSampleGet(h, s2)
+        mg = nv.c_nvmlGpmMetricsGet_t()
+        mg.version, mg.numMetrics, mg.sample1, mg.sample2 = nv.NVML_GPM_METRICS_GET_VERSION, 3, s1, s2
+        for i, mid in enumerate((2, 5, 10)):
+            mg.metrics[i].metricId = mid
+        nv.nvmlGpmMetricsGet(mg)
+        tf = (wl.big_flops / ms / 1e9) if name != "decode" else 0.0
+        print(f"{name:<12} {ms:>7.3f} {tf:>8.0f} {np.mean(power):>6.0f} {np.mean(clock):>6.0f} "
+              f"{mg.metrics[0].value / 100:>6.3f} {mg.metrics[1].value / 100:>7.3f} {mg.metrics[2].value / 100:>6.3f}",
+              flush=True)
+        del wl
+        torch.cuda.empty_cache()
+        time.sleep(1.0)
 
 
 @main.command("evaluate")
@@ -497,16 +693,21 @@ def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: 
 @click.option("--fixtures", type=click.Path(path_type=Path), default=None,
               help="Also write small fixtures (updates only, first --fixture-s seconds) here.")
 @click.option("--fixture-s", type=float, default=30.0, show_default=True)
-def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_s: float) -> None:
+@click.option("--results-md/--no-results-md", default=False, help="Append the table to bench/RESULTS.md.")
+def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_s: float, results_md: bool) -> None:
     """Turn raw recordings into traces and report naive vs unmix error per regime."""
     import tempfile
 
     dest = traces or Path(tempfile.mkdtemp(prefix="phaselens-gt-"))
     paths = write_traces(raw, dest)
-    truth = json.loads((dest / "truth.json").read_text())["truth"]
+    truth_doc = json.loads((dest / "truth.json").read_text())
     if fixtures:
         write_traces(raw, fixtures, seconds=fixture_s, updates_only=True, with_nvml=False)
-    print_table(evaluate(paths, truth))
+    results = evaluate(paths, truth_doc)
+    text = print_table(results, truth_doc.get("regime_clock_mhz"))
+    (dest / "results.json").write_text(json.dumps(results, indent=1))
+    if results_md:
+        append_results(text, "python3 bench/attribution_accuracy.py " + " ".join(sys.argv[1:]), truth_doc["gpu"])
 
 
 if __name__ == "__main__":
