@@ -52,7 +52,10 @@ BUSY = Phase.busy()
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Tunables of the method; defaults are what the H100 recordings support (bench/attribution_accuracy.py)."""
+    """Tunables of the method; defaults are what the H100 recordings support.
+
+    See bench/attribution_accuracy.py and bench/RESULTS.md.
+    """
 
     method: str = "unmix"
     horizon_s: float = 60.0
@@ -75,7 +78,8 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown attribution method {self.method!r}; expected one of {', '.join(METHODS)}")
+            raise ValueError(f"unknown attribution method {self.method!r}; "
+                             f"expected one of {', '.join(METHODS)}")
         if self.horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {self.horizon_s}")
         if not 0 <= self.offset_min_ms < self.offset_max_ms:

@@ -29,8 +29,9 @@ def _common(fn: Any) -> Any:
                      envvar="PHASELENS_SOURCE", help="Where GPU counters come from."),
         click.option("--socket-path", default="/run/phaselens/phaselens.sock", show_default=True,
                      envvar="PHASELENS_SOCKET_PATH", help="Unix datagram socket the engines' shims send to."),
-        click.option("--poll-interval-ms", type=click.FloatRange(1.0, 10_000.0), default=20.0, show_default=True,
-                     envvar="PHASELENS_POLL_INTERVAL_MS", help="Counter poll interval (fast: updates are found)."),
+        click.option("--poll-interval-ms", type=click.FloatRange(1.0, 10_000.0), default=20.0,
+                     show_default=True, envvar="PHASELENS_POLL_INTERVAL_MS",
+                     help="Counter poll interval (fast: updates are found)."),
         click.option("--nvml-interval-ms", type=click.FloatRange(10.0, 60_000.0), default=1000.0,
                      show_default=True, envvar="PHASELENS_NVML_INTERVAL_MS",
                      help="Poll interval of the NVML fields next to GPM."),
@@ -53,7 +54,8 @@ def _common(fn: Any) -> Any:
 
 
 def _config(**kw: Any) -> AgentConfig:
-    cfg = AgentConfig(source=kw["source"], socket_path=kw["socket_path"], poll_interval_ms=kw["poll_interval_ms"],
+    cfg = AgentConfig(source=kw["source"], socket_path=kw["socket_path"],
+                      poll_interval_ms=kw["poll_interval_ms"],
                       nvml_interval_ms=kw["nvml_interval_ms"], horizon_s=kw["horizon_s"],
                       gpus=[g.strip() for g in kw["gpus"] if g.strip()], dcgm_url=kw["dcgm_url"],
                       simulated_gpus=kw["simulated_gpus"], replay_trace=kw["replay_trace"],
@@ -104,7 +106,8 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option("--attribute-interval-s", type=click.FloatRange(0.1, 600.0), default=5.0, show_default=True,
               envvar="PHASELENS_ATTRIBUTE_INTERVAL_S", help="How often the attribution is recomputed.")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, envvar="PHASELENS_LISTEN_ADDRESS")
-@click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True, envvar="PHASELENS_PORT",
+@click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True,
+              envvar="PHASELENS_PORT",
               help="HTTP port of /metrics and /health.")
 def agent(**kw: Any) -> None:
     """Run the node agent: sample GPUs, receive phases, attribute, serve /metrics and /health."""
@@ -232,7 +235,8 @@ def _print_table(out: dict[str, Any]) -> None:
                 cells.append("-" if v is None else f"{v:.3f}±{u:.3f}" if u is not None else f"{v:.3f}")
             mfu = f"{entry['mfu']:.3f}" if "mfu" in entry else "-"
             mbu = f"{entry['mbu']:.3f}" if "mbu" in entry else "-"
-            click.echo(f"  {phase:<8} {entry['time_share']:>6.1%} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}"
+            click.echo(f"  {phase:<8} {entry['time_share']:>6.1%} "
+                       f"{cells[0]:>16} {cells[1]:>16} {cells[2]:>16}"
                        f" {mfu:>6} {mbu:>6}")
         blended = ", ".join(f"{k}={v:.3f}" for k, v in doc["blended"].items())
         click.echo(f"  blended: {blended}")

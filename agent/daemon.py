@@ -117,8 +117,9 @@ class AgentDaemon:
         results = []
         for uuid in sorted(set(self.gpus) | set(self.timeline.gpus())):
             ident = self._learn_gpu(uuid)
-            results.append(self.attributor.attribute(ident, self.timeline.steps(uuid), self.timeline.samples(uuid),
-                                                     now_ns=now, spec=self._spec(ident)))
+            results.append(self.attributor.attribute(ident, self.timeline.steps(uuid),
+                                                     self.timeline.samples(uuid), now_ns=now,
+                                                     spec=self._spec(ident)))
         return results
 
     def publish(self, results: list[GpuAttribution]) -> None:
@@ -207,7 +208,8 @@ def make_http_server(state: AgentState, address: str, port: int) -> ThreadingHTT
                 code, doc = health(state)
                 body, ctype = json.dumps(doc).encode(), "application/json"
             else:
-                body, code, ctype = b'{"error": "not found; try /metrics or /health"}', 404, "application/json"
+                body, code = b'{"error": "not found; try /metrics or /health"}', 404
+                ctype = "application/json"
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -244,7 +246,8 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
         if config.source == "gpm":
             gpm = GpmSampler(nvml=nvml, uuids=uuids)
             if not gpm.gpus:
-                raise ValueError("source 'gpm': no GPU here supports GPM (Hopper or newer); use --source nvml or dcgm")
+                raise ValueError("source 'gpm': no GPU here supports GPM (Hopper or newer); "
+                                 "use --source nvml or dcgm")
             samplers.append((gpm, config.poll_interval_ms))
         samplers.append((nv, config.nvml_interval_ms if config.source == "gpm" else config.poll_interval_ms))
         gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name) for g in nv.gpus]

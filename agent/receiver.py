@@ -145,7 +145,8 @@ class PhaseReceiver:
 
     def _take_token(self) -> bool:
         now = self.clock()
-        self._tokens = min(self.max_rate_per_s, self._tokens + (now - self._refill_ns) / 1e9 * self.max_rate_per_s)
+        refill = (now - self._refill_ns) / 1e9 * self.max_rate_per_s
+        self._tokens = min(self.max_rate_per_s, self._tokens + refill)
         self._refill_ns = now
         if self._tokens < 1.0:
             return False

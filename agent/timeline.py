@@ -38,8 +38,8 @@ class Timeline:
             q = self._steps.get(step.gpu_uuid)
             if q is None:
                 q = self._steps[step.gpu_uuid] = deque()
-            # appended in arrival order (O(1) whatever a sender does); readers sort. Late or out-of-order steps
-            # (two engines on one GPU) are therefore fine; the count cap bounds what a flood can hold.
+            # appended in arrival order (O(1) whatever a sender does); readers sort. Late or out-of-order
+            # steps (two engines on one GPU) are therefore fine; the count cap bounds what a flood holds.
             q.append(step)
             self._note(step.gpu_uuid, step.t1_ns)
             while len(q) > self.max_steps:

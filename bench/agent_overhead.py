@@ -96,7 +96,8 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
                             torch.matmul(x, w.t())
                 torch.cuda.synchronize()  # host-clock steps are enough here: this measures the agent's cost
                 t1 = time.time_ns()
-                rec = StepRecord(uuid, "bench", Role.COLOCATED, phase, n, t0, t1, Clock.HOST, 0, 0, 1, 0, 0.0, 0.0)
+                rec = StepRecord(uuid, "bench", Role.COLOCATED, phase, n, t0, t1, Clock.HOST, 0, 0, 1, 0,
+                                 0.0, 0.0)
                 n += 1
                 try:
                     sender.sendto(dumps(rec).encode(), sock_path)
@@ -123,8 +124,9 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
     lines = [ln for ln in metrics.splitlines() if ln.startswith("phaselens_phase_utilization_ratio{")
              and f'gpu_uuid="{uuid}"' in ln]
     name = torch.cuda.get_device_name(0)
-    text = (f"agent CPU: {c1 - c0:.2f} s over {w1 - w0:.1f} s wall, {gpus} GPU(s): {100 * share:.2f}% of one core "
-            f"per GPU (target < 2%)\nsteps sent {sent}, dropped {dropped}; agent health {health.get('status')}; "
+    text = (f"agent CPU: {c1 - c0:.2f} s over {w1 - w0:.1f} s wall, {gpus} GPU(s): "
+            f"{100 * share:.2f}% of one core per GPU (target < 2%)\n"
+            f"steps sent {sent}, dropped {dropped}; agent health {health.get('status')}; "
             f"shim received {health.get('shim_received')} rejected {health.get('shim_rejected')}\n"
             f"published per-phase series for {uuid}: {len(lines)}\n" + "\n".join(sorted(lines)[:12]))
     print(text)
@@ -135,7 +137,8 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as fh:
             fh.write(f"\n## agent overhead ({stamp}, {name}, {platform.node()})\n\n"
-                     f"`python3 bench/agent_overhead.py {' '.join(sys.argv[1:])}` (defaults: GPM 20 ms, NVML 1 s, "
+                     f"`python3 bench/agent_overhead.py {' '.join(sys.argv[1:])}` "
+                     f"(defaults: GPM 20 ms, NVML 1 s, "
                      f"attribution every 5 s over 60 s)\n\n```\n{text}\n```\n")
 
 

@@ -237,8 +237,8 @@ class Workload:
             if len(pending) >= 4:
                 pending[-4][2].synchronize()  # keep the host at most a few steps ahead
         torch.cuda.synchronize()
-        return [{"regime": label, "phase": p, "t0_ns": self.wall_ns(s), "t1_ns": self.wall_ns(e), "target_ms": ms,
-                 "big": c[0], "skinny": c[1]} for p, s, e, ms, c in pending]
+        return [{"regime": label, "phase": p, "t0_ns": self.wall_ns(s), "t1_ns": self.wall_ns(e),
+                 "target_ms": ms, "big": c[0], "skinny": c[1]} for p, s, e, ms, c in pending]
 
 
 def make_plan(regime: str, seconds: float, rng: random.Random) -> list[tuple[str, float, float]]:
@@ -275,11 +275,13 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_poller, args=(stop, ready, str(out / "raw_poll.jsonl"), 0, poll_ms), daemon=True)
+    proc = ctx.Process(target=_poller, args=(stop, ready, str(out / "raw_poll.jsonl"), 0, poll_ms),
+                       daemon=True)
     proc.start()
     wl = Workload(prefill_kernel=prefill_kernel)
     cal = wl.calibrate()
-    print(f"calibration: {prefill_kernel} {cal['big']:.3f} ms ({wl.big_flops / cal['big'] / 1e9:.0f} TFLOP/s), "
+    print(f"calibration: {prefill_kernel} {cal['big']:.3f} ms "
+          f"({wl.big_flops / cal['big'] / 1e9:.0f} TFLOP/s), "
           f"skinny {cal['skinny']:.3f} ms ({57344 * 8192 * 2 / cal['skinny'] / 1e9:.0f} GB/s)", flush=True)
     if not ready.wait(30):
         raise SystemExit("poller did not start")
@@ -289,12 +291,13 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
     spans: list[dict] = []
 
     def truth_runs(tag: str) -> None:
-        """Per phase: a pure run (duty 1) and duty-cycled runs (steps of the 8B regime's length with idle gaps),
+        """Per phase: a pure run (duty 1) and duty-cycled runs (the 8B regime's step length, idle gaps),
         whose lower power lets the clock rise as it does in the mixed regimes (see ``matched_truth``)."""
         for phase in PHASES:
             t = time.time_ns()
             steps.extend(wl.run_steps([(phase, 100.0, 0.0)] * int(pure_s * 10), f"pure_{tag}"))
-            spans.append({"kind": "pure", "phase": phase, "duty": 1.0, "start_ns": t, "end_ns": time.time_ns()})
+            spans.append({"kind": "pure", "phase": phase, "duty": 1.0, "start_ns": t,
+                          "end_ns": time.time_ns()})
             for duty in DUTIES:
                 length = STEP_8B_MS[phase]
                 plan, total = [], 0.0
@@ -418,7 +421,8 @@ def _phase_timeline(steps: list[dict], t_ref: int):
     from phaselens.agent.attribution import _Timeline
     from phaselens.phase import Phase
 
-    recs = [SimpleNamespace(t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], phase=Phase.parse(st["phase"])) for st in steps]
+    recs = [SimpleNamespace(t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], phase=Phase.parse(st["phase"]))
+            for st in steps]
     return _Timeline.build(recs, t_ref)  # type: ignore[arg-type]
 
 
@@ -555,8 +559,9 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
                 w.write(SampleRecord(gpu_uuid=uuid, source="gpm", t_ns=t, values=vals))
             for rec in nvml if with_nvml else []:
                 if t_lo <= rec["t"] < t_hi:
-                    w.write(SampleRecord(gpu_uuid=uuid, source="nvml", t_ns=rec["t"], values={
-                        k: rec[k] for k in ("gpu_util", "mem_util", "power_w", "sm_clock_hz", "mem_used_bytes")}))
+                    keys = ("gpu_util", "mem_util", "power_w", "sm_clock_hz", "mem_used_bytes")
+                    w.write(SampleRecord(gpu_uuid=uuid, source="nvml", t_ns=rec["t"],
+                                         values={k: rec[k] for k in keys}))
         paths[regime] = path
     return paths
 
@@ -580,7 +585,8 @@ def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
             truths["matched"] = {ph: matched.get(ph, truth_doc["truth"][ph]) for ph in PHASES}
         out[regime] = {"windows": 0, "offset_ms": None}
         for method in ("naive", "unmix"):
-            res = Attributor(AttributionConfig(method=method, horizon_s=3600)).attribute(ident, tr.steps, tr.samples)
+            attributor = Attributor(AttributionConfig(method=method, horizon_s=3600))
+            res = attributor.attribute(ident, tr.steps, tr.samples)
             ran = {st.phase for st in tr.steps}
             out[regime]["windows"] = res.windows
             if method == "unmix" and res.alignment_offset_s is not None:
@@ -609,7 +615,8 @@ def print_table(results: dict[str, dict], clocks: dict | None = None) -> str:
         m_u = r.get("unmix_matched", {}).get("max_abs_error")
         worst = max(r.get("unmix_matched", r["unmix_pure"])["errors"].items(), key=lambda kv: kv[1])
         clk = "/".join("-" if c is None else f"{c:.0f}" for c in (clocks or {}).get(regime, {}).values())
-        lines.append(f"{regime:<7} {r['naive_pure']['max_abs_error']:>7.3f} {r['unmix_pure']['max_abs_error']:>7.3f} | "
+        lines.append(f"{regime:<7} {r['naive_pure']['max_abs_error']:>7.3f} "
+                     f"{r['unmix_pure']['max_abs_error']:>7.3f} | "
                      f"{'-' if m_n is None else f'{m_n:.3f}':>7} {'-' if m_u is None else f'{m_u:.3f}':>7} "
                      f"{r['windows']:>8}  {worst[0]}={worst[1]:.3f}  {clk}")
     text = "\n".join(lines)
@@ -622,7 +629,8 @@ def append_results(text: str, command: str, gpu: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(path, "a") as fh:
         fh.write(f"\n## attribution accuracy ({stamp}, {gpu}, {platform.node()})\n\n`{command}`\n\n"
-                 f"Largest absolute error over {{sm_active, tensor_active, dram_active}} x {{prefill, decode, mixed}}"
+                 f"Largest absolute error over {{sm_active, tensor_active, dram_active}} x "
+                 f"{{prefill, decode, mixed}}"
                  f" per regime; target unmix <= 0.03.\n\n```\n{text}\n```\n")
 
 
@@ -637,8 +645,10 @@ def main() -> None:
 @click.option("--pure-s", type=float, default=4.0, show_default=True)
 @click.option("--poll-ms", type=float, default=10.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prefill-kernel", type=click.Choice(list(PREFILL_KERNELS)), default="mm8192", show_default=True)
-def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int, prefill_kernel: str) -> None:
+@click.option("--prefill-kernel", type=click.Choice(list(PREFILL_KERNELS)), default="mm8192",
+              show_default=True)
+def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
+               prefill_kernel: str) -> None:
     """Run the workload on the GPU and write raw recordings to OUT."""
     record(out, regime_s, pure_s, poll_ms, seed, prefill_kernel)
 
@@ -680,7 +690,8 @@ def probe_kernels(seconds: float) -> None:
         nv.nvmlGpmMetricsGet(mg)
         tf = (wl.big_flops / ms / 1e9) if name != "decode" else 0.0
         print(f"{name:<12} {ms:>7.3f} {tf:>8.0f} {np.mean(power):>6.0f} {np.mean(clock):>6.0f} "
-              f"{mg.metrics[0].value / 100:>6.3f} {mg.metrics[1].value / 100:>7.3f} {mg.metrics[2].value / 100:>6.3f}",
+              f"{mg.metrics[0].value / 100:>6.3f} {mg.metrics[1].value / 100:>7.3f} "
+              f"{mg.metrics[2].value / 100:>6.3f}",
               flush=True)
         del wl
         torch.cuda.empty_cache()
@@ -694,7 +705,8 @@ def probe_kernels(seconds: float) -> None:
               help="Also write small fixtures (updates only, first --fixture-s seconds) here.")
 @click.option("--fixture-s", type=float, default=30.0, show_default=True)
 @click.option("--results-md/--no-results-md", default=False, help="Append the table to bench/RESULTS.md.")
-def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_s: float, results_md: bool) -> None:
+def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_s: float,
+                 results_md: bool) -> None:
     """Turn raw recordings into traces and report naive vs unmix error per regime."""
     import tempfile
 
@@ -707,7 +719,8 @@ def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_
     text = print_table(results, truth_doc.get("regime_clock_mhz"))
     (dest / "results.json").write_text(json.dumps(results, indent=1))
     if results_md:
-        append_results(text, "python3 bench/attribution_accuracy.py " + " ".join(sys.argv[1:]), truth_doc["gpu"])
+        command = "python3 bench/attribution_accuracy.py " + " ".join(sys.argv[1:])
+        append_results(text, command, truth_doc["gpu"])
 
 
 if __name__ == "__main__":

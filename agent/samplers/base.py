@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SampledGpu:
-    """One GPU a sampler reads: NVML index at the agent (not the engine's: CUDA_VISIBLE_DEVICES), UUID, name."""
+    """One GPU a sampler reads: UUID, name, and NVML index at the agent (not the engine's index:
+    CUDA_VISIBLE_DEVICES renumbers those)."""
 
     uuid: str
     index: int

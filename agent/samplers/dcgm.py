@@ -79,7 +79,8 @@ class DcgmSampler:
             prev = self._previous.get(uuid)
             prof = {k: v for k, v in values.items() if k in PROFILING_KEYS}
             if prev is not None and prof and all(prev.get(k) == v for k, v in prof.items()):
-                values = {**values, **{k: None for k in prof}}  # profiling fields not refreshed since last scrape
+                # profiling fields not refreshed since the last scrape
+                values = {**values, **{k: None for k in prof}}
             else:
                 self._previous[uuid] = prof
             out.append(SampleRecord(gpu_uuid=uuid, source=self.name, t_ns=t, values=values))

@@ -36,7 +36,8 @@ class GpmSampler:
     """Polls NVML GPM on every GPU it was given (all by default, matched by UUID).
 
     ``nvml`` is the pynvml module or a fake (tests); ``clock`` returns wall-clock ns.
-    ValueError at construction for a GPU UUID that is not here; GPUs without GPM support are logged and left out.
+    ValueError at construction for a GPU UUID that is not here; GPUs without GPM support are logged and
+    left out.
     """
 
     name = "gpm"

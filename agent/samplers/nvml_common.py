@@ -9,8 +9,8 @@ from phaselens.agent.samplers.base import SampledGpu
 #: NVML errors that mean the GPU is gone (or unusable) rather than a field being unsupported.
 _LOST_ERRORS = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_UNKNOWN", "NVML_ERROR_DRIVER_NOT_LOADED",
                 "NVML_ERROR_NOT_FOUND", "NVML_ERROR_UNINITIALIZED")
-_UNSUPPORTED_ERRORS = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION", "NVML_ERROR_FUNCTION_NOT_FOUND",
-                       "NVML_ERROR_INVALID_ARGUMENT")
+_UNSUPPORTED_ERRORS = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION",
+                       "NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_INVALID_ARGUMENT")
 
 
 def load_nvml(nvml: Any | None) -> Any:

@@ -91,7 +91,8 @@ class SimulatedSampler:
                                         values={k: None for k in SIM_KEYS}))
                 continue
             self._last_refresh[uuid] = latest
-            out.append(SampleRecord(gpu_uuid=uuid, source=self.name, t_ns=now, values=self.window(uuid, latest)))
+            values = self.window(uuid, latest)
+            out.append(SampleRecord(gpu_uuid=uuid, source=self.name, t_ns=now, values=values))
         return out
 
     def window(self, uuid: str, refresh_ns: int) -> dict[str, float | None]:

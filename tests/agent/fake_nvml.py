@@ -27,7 +27,7 @@ class FakeGpu:
     #: GPM metric id -> percent
     gpm: dict[int, float] = field(default_factory=lambda: {2: 96.7, 3: 14.3, 5: 93.8, 10: 25.5, 13: 0.0})
     gpm_supported: bool = True
-    #: names of unsupported things: GPM metric ids (int) or "utilization", "power", "clock", "memory", "samples"
+    #: unsupported things: GPM metric ids (int) or "utilization", "power", "clock", "memory", "samples"
     unsupported: set = field(default_factory=set)
     lost: bool = False
     refresh_polls: int = 5

@@ -14,8 +14,8 @@ T0 = 1_800_000_000_000_000_000
 
 def step(uuid: str, phase: Phase, t0: int, t1: int, i: int = 0, flops: float = 0.0, nbytes: float = 0.0
          ) -> StepRecord:
-    return StepRecord(gpu_uuid=uuid, engine_id="e0", role=Role.COLOCATED, phase=phase, step=i, t0_ns=t0, t1_ns=t1,
-                      clock=Clock.GPU, prefill_tokens=512 if phase != Phase.DECODE else 0,
+    return StepRecord(gpu_uuid=uuid, engine_id="e0", role=Role.COLOCATED, phase=phase, step=i, t0_ns=t0,
+                      t1_ns=t1, clock=Clock.GPU, prefill_tokens=512 if phase != Phase.DECODE else 0,
                       decode_tokens=8 if phase != Phase.PREFILL else 0, batch=8, context_tokens=1024,
                       flops=flops, bytes=nbytes)
 

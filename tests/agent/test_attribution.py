@@ -58,8 +58,8 @@ def test_offset_is_tracked_not_fitted_once(engine_run) -> None:
 
 def test_not_enough_data_below_minimum() -> None:
     steps = [step(UUID, Phase.PREFILL, T0, T0 + 2 * 10**9)]
-    samples = [SampleRecord(UUID, "gpm", T0 + i * 100_000_000, {"sm_active": 0.9, "tensor_active": 0.9,
-                                                                  "dram_active": 0.2}) for i in range(5)]
+    values = {"sm_active": 0.9, "tensor_active": 0.9, "dram_active": 0.2}
+    samples = [SampleRecord(UUID, "gpm", T0 + i * 100_000_000, values) for i in range(5)]
     res = Attributor().attribute(GpuIdentity(uuid=UUID, index=0, name=""), steps, samples)
     assert res.phases == {} and res.windows == 5
     doc = attribution_to_dict(res)
@@ -68,7 +68,8 @@ def test_not_enough_data_below_minimum() -> None:
 
 def test_phase_with_too_little_time_is_not_enough_data() -> None:
     steps = engine_like_steps(UUID, 20.0, seed=3)
-    steps = [s for s in steps if s.phase != Phase.MIXED] + [step(UUID, Phase.MIXED, T0 + 10**9, T0 + 10**9 + 10**7)]
+    steps = [s for s in steps if s.phase != Phase.MIXED]
+    steps.append(step(UUID, Phase.MIXED, T0 + 10**9, T0 + 10**9 + 10**7))
     samples = simulate(steps, UUID, 20.0, SimulatedGpuModel(glitch_rate=0.0))
     res = Attributor().attribute(GpuIdentity(uuid=UUID, index=0, name=""), steps, samples)
     assert Phase.MIXED not in res.phases and {Phase.PREFILL, Phase.DECODE} <= set(res.phases)
@@ -83,14 +84,15 @@ def test_exact_mfu_mbu_from_steps_and_unknown_gpu() -> None:
     for p in Phase.busy():
         assert res.phases[p].mfu == pytest.approx(5e14 / spec.peak_bf16_flops, rel=1e-6)
         assert res.phases[p].mbu == pytest.approx(1e12 / spec.peak_dram_bytes_per_s, rel=1e-6)
-    res2 = Attributor().attribute(GpuIdentity(uuid=UUID, index=0, name="Mystery GPU"), steps, samples, spec=None)
+    mystery = GpuIdentity(uuid=UUID, index=0, name="Mystery GPU")
+    res2 = Attributor().attribute(mystery, steps, samples, spec=None)
     assert all(pv.mfu is None for pv in res2.phases.values())
 
 
 def test_time_shares_and_json_shape(engine_run) -> None:
     steps, samples = engine_run
-    res = Attributor(AttributionConfig(horizon_s=120)).attribute(GpuIdentity(uuid=UUID, index=0, name=""),
-                                                                  steps, samples)
+    ident = GpuIdentity(uuid=UUID, index=0, name="")
+    res = Attributor(AttributionConfig(horizon_s=120)).attribute(ident, steps, samples)
     assert sum(res.time_share.values()) == pytest.approx(1.0, abs=0.02)
     doc = attribution_to_dict(res)
     assert set(doc) == {"phases", "blended", "alignment_offset_ms", "windows", "method"}

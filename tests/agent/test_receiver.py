@@ -109,7 +109,8 @@ def test_flood_of_100k_records_in_one_second_is_counted_and_memory_bounded(tmp_p
         tracemalloc.stop()
     snap = state.snapshot()
     assert snap.shim_received + sum(snap.shim_rejected.values()) == 100_000
-    # one second of the token bucket (10,000/s, burst 10,000) lets through at most ~20,000; the rest is counted
+    # one second of the token bucket (10,000/s, burst 10,000) lets through at most ~20,000; the rest is
+    # counted
     assert accepted == snap.shim_received <= 20_001
     assert snap.shim_rejected["rate_limited"] >= 79_000 and snap.shim_rejected["malformed"] >= 1
     assert timeline.size()[0] <= 5_000
@@ -130,8 +131,12 @@ def test_flood_over_the_socket_does_not_crash(receiver: PhaseReceiver) -> None:
             except BlockingIOError:
                 time.sleep(0.0005)  # the receiver's queue is full: the shim drops here; we retry
     stop.set()
-    wait_for(lambda: receiver.state.snapshot().shim_received + sum(receiver.state.snapshot().shim_rejected.values())
-             == sent)
+
+    def seen() -> int:
+        snap = receiver.state.snapshot()
+        return snap.shim_received + sum(snap.shim_rejected.values())
+
+    wait_for(lambda: seen() == sent)
     assert receiver._thread is not None and receiver._thread.is_alive()
 
 

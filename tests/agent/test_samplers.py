@@ -75,7 +75,7 @@ def test_gpm_gpu_that_disappears_is_marked_failed_and_the_others_go_on() -> None
     assert {r.gpu_uuid for r in s.sample()} == {"GPU-b"}
 
 
-def test_two_gpus_reordered_by_cuda_visible_devices_are_matched_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_gpus_reordered_by_cuda_visible_devices_matched_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
     # The engine runs with CUDA_VISIBLE_DEVICES=1,0: its cuda:0 is NVML index 1. NVML ignores the variable, so
     # the agent must match by UUID: asking for [B, A] gives B's values under B's UUID.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
@@ -127,8 +127,8 @@ def test_nvml_not_supported_field_skipped_and_lost_gpu_marked(caplog: pytest.Log
 
 PAGE = """# HELP DCGM_FI_PROF_SM_ACTIVE Ratio of cycles an SM has at least 1 warp assigned.
 # TYPE DCGM_FI_PROF_SM_ACTIVE gauge
-DCGM_FI_PROF_SM_ACTIVE{gpu="0",UUID="GPU-a",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-a"} 0.91
-DCGM_FI_PROF_SM_ACTIVE{gpu="1",UUID="GPU-b",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",hostname="node-a"} 0.42
+DCGM_FI_PROF_SM_ACTIVE{gpu="0",UUID="GPU-a",device="nvidia0",modelName="NVIDIA H100",Hostname="node-a"} 0.91
+DCGM_FI_PROF_SM_ACTIVE{gpu="1",UUID="GPU-b",device="nvidia1",modelName="NVIDIA H100",hostname="node-a"} 0.42
 DCGM_FI_PROF_SM_ACTIVE{gpu="0",UUID="GPU-x",device="nvidia0",hostname="node-b"} 0.11
 # TYPE DCGM_FI_PROF_PIPE_TENSOR_ACTIVE gauge
 DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.85
@@ -149,8 +149,9 @@ def test_dcgm_fields_both_hostname_labels_and_uuid_matching() -> None:
     got = {r.gpu_uuid: r for r in s.sample()}
     assert set(got) == {"GPU-a", "GPU-b"}  # node-b's GPU filtered out; both label spellings accepted
     assert got["GPU-a"].source == "dcgm"
-    assert got["GPU-a"].values == pytest.approx({"sm_active": 0.91, "tensor_active": 0.85, "dram_active": 0.33,
-                                                 "gpu_util": 0.97, "power_w": 601.5})
+    expected = {"sm_active": 0.91, "tensor_active": 0.85, "dram_active": 0.33, "gpu_util": 0.97,
+                "power_w": 601.5}
+    assert got["GPU-a"].values == pytest.approx(expected)
     only_b = DcgmSampler(url="http://x/metrics", uuids=["GPU-b"], http_get=lambda url, t: PAGE).sample()
     assert [r.gpu_uuid for r in only_b] == ["GPU-b"]
     # an unchanged profiling value is "not updated"
@@ -183,8 +184,8 @@ def test_dcgm_bindings_seam() -> None:
 
 def _step(uuid: str, phase: Phase, t0: int, t1: int, i: int = 0) -> StepRecord:
     return StepRecord(gpu_uuid=uuid, engine_id="e0", role=Role.COLOCATED, phase=phase, step=i, t0_ns=t0,
-                      t1_ns=t1, clock=Clock.HOST, prefill_tokens=0, decode_tokens=0, batch=1, context_tokens=0,
-                      flops=0.0, bytes=0.0)
+                      t1_ns=t1, clock=Clock.HOST, prefill_tokens=0, decode_tokens=0, batch=1,
+                      context_tokens=0, flops=0.0, bytes=0.0)
 
 
 def test_simulated_refreshes_every_100ms_with_the_phase_signature() -> None:
@@ -208,7 +209,8 @@ def test_simulated_refreshes_every_100ms_with_the_phase_signature() -> None:
 def test_replay_keeps_spacing_and_shifts_to_now() -> None:
     base = 5_000_000_000
     trace = Trace(steps=[_step("GPU-1", Phase.DECODE, base, base + 10_000_000)],
-                  samples=[SampleRecord("GPU-1", "gpm", base + i * 100_000_000, {"sm_active": 0.5}) for i in range(5)])
+                  samples=[SampleRecord("GPU-1", "gpm", base + i * 100_000_000, {"sm_active": 0.5})
+                           for i in range(5)])
     clock = Clock_(10**15)
     r = ReplaySampler(trace, speed=2.0, clock=clock)
     assert len(r.sample()) == 1
