@@ -149,7 +149,8 @@ class AgentState:
                 self._tokens[(step.gpu_uuid, step.phase, "decode")] += step.decode_tokens
             hist = self._durations.get(key)
             if hist is None:
-                hist = self._durations[key] = Histogram(STEP_DURATION_BUCKETS_S, [0] * len(STEP_DURATION_BUCKETS_S))
+                hist = Histogram(STEP_DURATION_BUCKETS_S, [0] * len(STEP_DURATION_BUCKETS_S))
+                self._durations[key] = hist
             hist.observe(step.duration_s)
 
     def update_raw(self, gpu_uuid: str, values: dict[str, float | None]) -> None:
