@@ -561,19 +561,21 @@ class APIServer:
         session = request.headers.get("x-session-id")
         state = self.submit(prefix, ids, params, session, arrival_ns)
         stream = _TextStream(self.tokenizer, params.stop)
-        if not body.stream:
-            try:
-                text, reason = await self._collect(state, stream)
-            except asyncio.CancelledError:
-                self.abort(state)
-                raise
-            return JSONResponse(self._full_body(state, body, text, reason, chat))
-        # wait for the first item before answering, so a request that fails at once gets a real status
+        # the body is read: the next ASGI message is the client's disconnect, if it comes
+        gone = _DisconnectWatch(request)
         try:
-            first = await state.queue.get()
-        except asyncio.CancelledError:
-            self.abort(state)
+            if not body.stream:
+                text, reason = await self._collect(state, stream, gone)
+                return JSONResponse(self._full_body(state, body, text, reason, chat))
+            # wait for the first item before answering, so a request that fails at once gets a real status
+            first = await gone.next(state.queue)
+        except (asyncio.CancelledError, _ClientGone):
+            self.abort(state)  # frees the request's KV blocks in its worker
+            if isinstance(gone.error, _ClientGone):
+                return Response(status_code=499)  # nobody reads it: the connection is closed
             raise
+        finally:
+            gone.stop()  # before StreamingResponse starts listening for the disconnect itself
         if first[0] == "error":
             raise first[1]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -581,9 +583,10 @@ class APIServer:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-ID": state.request_id})
 
-    async def _collect(self, state: RequestState, stream: "_TextStream") -> tuple[str, str]:
+    async def _collect(self, state: RequestState, stream: "_TextStream",
+                       gone: "_DisconnectWatch") -> tuple[str, str]:
         while True:
-            item = await state.queue.get()
+            item = await gone.next(state.queue)
             if item[0] == "tokens":
                 self._served(state, len(item[1]))
                 stream.add(item[1])
@@ -656,6 +659,46 @@ class APIServer:
             obj = "text_completion"
         return {"id": state.request_id, "object": obj, "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": _usage(state)}
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+class _DisconnectWatch:
+    """Waits for queue items while watching for the client's ``http.disconnect`` (non-streaming requests and
+    the wait before a stream's first chunk; a running stream is watched by Starlette itself)."""
+
+    def __init__(self, request: Request):
+        self._receive = request.receive
+        self._task: asyncio.Task | None = None
+        self.error: Exception | None = None
+
+    async def next(self, q: asyncio.Queue) -> tuple:
+        """The next item of ``q``; _ClientGone if the client disconnects first."""
+        if not q.empty():
+            return q.get_nowait()
+        get = asyncio.ensure_future(q.get())
+        try:
+            while True:
+                if self._task is None:
+                    self._task = asyncio.ensure_future(self._receive())
+                done, _ = await asyncio.wait({get, self._task}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    return get.result()
+                message = self._task.result()
+                self._task = None
+                if message.get("type") == "http.disconnect":
+                    self.error = _ClientGone()
+                    raise self.error
+        finally:
+            if not get.done():
+                get.cancel()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 class _ArrivalStamp:

@@ -120,6 +120,18 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(live) -> None:
     assert 'phaselens_engine_requests_total{' in httpx.get(f"{live.url}/metrics").text
 
 
+def test_client_that_gives_up_on_a_plain_request_frees_kv_blocks(live) -> None:
+    body = {"model": "tiny", "prompt": "w" * 299, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client stops waiting after 1 s and closes the connection
+        httpx.post(f"{live.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    wait_for(lambda: all(w["kv_usage"] == 0.0 and w["num_running"] == 0
+                         for w in httpx.get(f"{live.url}/health").json()["workers"]),
+             timeout_s=30, what="KV blocks freed on every worker")
+    rec = wait_for(lambda: next((x for x in read_request_log(live.log_path) if x["prompt_tokens"] == 300),
+                                None))
+    assert rec["status"] == "aborted" and 0 < rec["output_tokens"] < 1500
+
+
 def test_models_and_metrics(live) -> None:
     models = httpx.get(f"{live.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
