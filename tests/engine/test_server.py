@@ -198,3 +198,15 @@ def test_dead_worker_fails_its_requests_and_health_reports_it() -> None:
         assert httpx.get(f"{srv.url}/health").json()["status"] == "unavailable"
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
         assert _assert_openai_error(r, 503)["code"] == "no_worker"
+
+
+def test_serve_reports_a_worker_that_cannot_start_without_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from phaselens.engine.serve_cli import serve
+
+    result = CliRunner().invoke(serve, ["--preset", "tiny", "--max-model-len", "99999", "--no-shim",
+                                        "--port", "0"])
+    assert result.exit_code == 1, result.output
+    assert "worker w0 failed to start" in result.output and "max_model_len" in result.output
+    assert "Traceback" not in result.output
