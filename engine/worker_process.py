@@ -135,7 +135,7 @@ class WorkerLoop:
                 vocab_size=int(self.engine.model_config.vocab_size),
                 gpu_uuid=cfg.engine_args.get("gpu_uuid")))
         except Exception as exc:  # report why start-up failed, then exit non-zero
-            if not isinstance(exc, ValueError):  # a bad config (ValueError) is the user's, not a bug: no traceback
+            if not isinstance(exc, ValueError):  # a bad config is the user's error, not a bug: no traceback
                 log.exception("worker %s failed to start", cfg.worker_id)
             self.events.put(protocol.WorkerFailed(cfg.worker_id, f"{type(exc).__name__}: {exc}"))
             raise SystemExit(1) from None
