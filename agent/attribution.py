@@ -190,6 +190,9 @@ class Attributor:
         self.config = config or AttributionConfig()
         #: the offset path of the last ``unmix`` pass: (chunk start s since t_ref, offset s), for inspection
         self.last_offsets: list[tuple[float, float]] = []
+        #: per GPU: the signatures of the last pass, the next pass's starting point (the daemon re-attributes
+        #: a sliding horizon every few seconds; starting from them skips the global offset scan)
+        self._warm: dict[str, np.ndarray] = {}
 
     # ---------------------------------------------------------------- entry point
 
@@ -241,7 +244,10 @@ class Attributor:
         if cfg.method == "naive":
             values, stderr, weight = self._naive(timeline, t, Y)
         else:
-            values, stderr, weight, offset = self._unmix(timeline, t, Y, period)
+            values, stderr, weight, offset = self._unmix(timeline, t, Y, period, self._warm.get(gpu.uuid))
+            align = [UNMIX_KEYS.index(k) for k in ALIGN_KEYS]
+            if np.isfinite(values[:, align]).all():
+                self._warm[gpu.uuid] = values[:, align]
             result.alignment_offset_s = -offset
         for p, phase in enumerate(BUSY):
             if weight[p] < cfg.min_phase_s:
@@ -311,7 +317,8 @@ class Attributor:
                 stderr[p] = np.nanstd(rows, axis=0) / math.sqrt(len(rows))
         return values, stderr, weight
 
-    def _unmix(self, timeline: _Timeline, t: np.ndarray, Y: np.ndarray, period: float):
+    def _unmix(self, timeline: _Timeline, t: np.ndarray, Y: np.ndarray, period: float,
+               warm: np.ndarray | None = None):
         cfg = self.config
         align = [UNMIX_KEYS.index(k) for k in ALIGN_KEYS]
         cand = np.arange(cfg.offset_min_ms, cfg.offset_max_ms + 1e-9, cfg.offset_step_ms) / 1e3
@@ -323,15 +330,19 @@ class Attributor:
 
         # start: the single offset that explains the whole horizon best
         # (unbounded least squares, clipped: only a ranking is needed here, and it is fast)
-        Yz = np.nan_to_num(Ya)
-        best, k0 = np.inf, 0
-        for k in range(len(cand)):
-            coef = np.clip(np.linalg.lstsq(Fs[k], Yz, rcond=None)[0], 0.0, 1.0)
-            r = float(np.mean((Fs[k] @ coef - Yz) ** 2))
-            if r < best:
-                best, k0 = r, k
-        u = _bounded_fit(Fs[k0], Ya, cfg, robust=True).values
-        for _ in range(cfg.iterations):
+        iterations = cfg.iterations
+        if warm is not None:
+            u, iterations = warm, max(1, cfg.iterations - 1)
+        else:
+            Yz = np.nan_to_num(Ya)
+            best, k0 = np.inf, 0
+            for k in range(len(cand)):
+                coef = np.clip(np.linalg.lstsq(Fs[k], Yz, rcond=None)[0], 0.0, 1.0)
+                r = float(np.mean((Fs[k] @ coef - Yz) ** 2))
+                if r < best:
+                    best, k0 = r, k
+            u = _bounded_fit(Fs[k0], Ya, cfg, robust=True).values
+        for _ in range(iterations):
             # residual of every chunk under every candidate offset, with the current signatures
             pred = Fs @ np.nan_to_num(u)  # (k, n, a)
             err = np.nanmean(np.minimum((pred - Ya[None]) ** 2, 0.05), axis=2)  # truncated: glitches bounded

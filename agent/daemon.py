@@ -35,7 +35,7 @@ class AgentConfig:
 
     source: str = "gpm"
     socket_path: str = "/run/phaselens/phaselens.sock"
-    poll_interval_ms: float = 20.0
+    poll_interval_ms: float = 10.0
     nvml_interval_ms: float = 1000.0
     attribute_interval_s: float = 5.0
     horizon_s: float = 60.0
@@ -80,7 +80,9 @@ class AgentDaemon:
         """One turn of the loop: sample -> timeline -> attribute -> publish."""
         now = self.clock() if now_ns is None else now_ns
         samples = self.sample(now)
-        self.timeline.add_samples(samples)
+        # polls that saw no refresh stay out of the timeline (the recorder keeps them); the attribution
+        # looks at refreshes only
+        self.timeline.add_samples(s for s in samples if any(v is not None for v in s.values.values()))
         if now >= self._next_attr_ns:
             self._next_attr_ns = now + int(self.config.attribute_interval_s * 1e9)
             self.publish(self.attribute(now))
@@ -91,7 +93,6 @@ class AgentDaemon:
         for sch in self.samplers:
             if now < sch.next_ns:
                 continue
-            sch.next_ns = now + sch.interval_ns
             sampler = sch.sampler
             t0 = time.perf_counter()
             try:
@@ -102,6 +103,8 @@ class AgentDaemon:
                 log.exception("sampler %s failed", sampler.name)
                 got, error = [], f"{type(exc).__name__}: {exc}"
             self.state.sampler_result(SamplerHealth(sampler.name, not error, time.perf_counter() - t0, error))
+            next_due = getattr(sampler, "next_due_ns", None)
+            sch.next_ns = next_due(now, sch.interval_ns) if next_due else now + sch.interval_ns
             for rec in got:
                 self.state.update_raw(rec.gpu_uuid, rec.values)
                 self._learn_gpu(rec.gpu_uuid)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
+from collections import deque
 from typing import Any, Callable
 
 from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, mark_lost, select_gpus
@@ -53,6 +55,11 @@ class GpmSampler:
         self._buffers: dict[str, list[Any]] = {}
         self._current: dict[str, int] = {}
         self._primed: dict[str, bool] = {}
+        #: per GPU: the request struct, reused (ctypes allocation per poll costs more than the call) and the
+        #: metric keys it was built for
+        self._requests: dict[str, tuple[tuple[str, ...], Any]] = {}
+        #: per GPU: times of the last refreshes seen, for :meth:`next_due_ns`
+        self._updates: dict[str, deque[int]] = {}
         for gpu in gpus:
             try:
                 supported = self.nvml.nvmlGpmQueryDeviceSupport(gpu.handle).isSupportedDevice
@@ -67,6 +74,7 @@ class GpmSampler:
             self._buffers[gpu.uuid] = [self.nvml.nvmlGpmSampleAlloc(), self.nvml.nvmlGpmSampleAlloc()]
             self._current[gpu.uuid] = 0
             self._primed[gpu.uuid] = False
+            self._updates[gpu.uuid] = deque(maxlen=9)
         self._ids = {key: getattr(self.nvml, const) for key, const in GPM_FIELDS.items()
                      if hasattr(self.nvml, const)}
 
@@ -104,14 +112,19 @@ class GpmSampler:
         if not self._primed[gpu.uuid]:
             self._primed[gpu.uuid] = True  # the first sample only starts the first delta
             return None
-        keys = [k for k in self._ids if k not in gpu.unsupported]
-        mg = nv.c_nvmlGpmMetricsGet_t()
-        mg.version = nv.NVML_GPM_METRICS_GET_VERSION
-        mg.numMetrics = len(keys)
+        keys = tuple(k for k in self._ids if k not in gpu.unsupported)
+        request = self._requests.get(gpu.uuid)
+        if request is None or request[0] != keys:
+            mg = nv.c_nvmlGpmMetricsGet_t()
+            mg.version = nv.NVML_GPM_METRICS_GET_VERSION
+            mg.numMetrics = len(keys)
+            for i, key in enumerate(keys):
+                mg.metrics[i].metricId = self._ids[key]
+            self._requests[gpu.uuid] = (keys, mg)
+        else:
+            mg = request[1]
         mg.sample1 = bufs[cur]
         mg.sample2 = bufs[nxt]
-        for i, key in enumerate(keys):
-            mg.metrics[i].metricId = self._ids[key]
         try:
             nv.nvmlGpmMetricsGet(mg)
         except nv.NVMLError as exc:
@@ -132,7 +145,23 @@ class GpmSampler:
             return SampleRecord(gpu_uuid=gpu.uuid, source=self.name, t_ns=t, values={k: None for k in values})
         ratios = {k: (None if math.isnan(v) else min(1.0, max(0.0, v / 100.0))) for k, v in values.items()
                   if v is not None}
+        self._updates[gpu.uuid].append(t)
         return SampleRecord(gpu_uuid=gpu.uuid, source=self.name, t_ns=t, values=ratios)
+
+    def next_due_ns(self, now_ns: int, interval_ns: int) -> int:
+        """When to poll next: GPM refreshes on a steady cadence (~100 ms, +-1 ms on the H100), so once the
+        cadence is known the sampler sleeps until one interval before the next expected refresh and then polls
+        every ``interval_ns`` until it sees it: the same detection precision for a fraction of the polls."""
+        expected = []
+        for gpu in self.gpus:
+            seen = self._updates.get(gpu.uuid)
+            if gpu.failed or not seen or len(seen) < 4:
+                return now_ns + interval_ns
+            period = statistics.median(b - a for a, b in zip(seen, list(seen)[1:]))
+            expected.append(seen[-1] + period - interval_ns)
+        if not expected:
+            return now_ns + interval_ns
+        return max(now_ns + interval_ns, min(expected))
 
     def close(self) -> None:
         for bufs in self._buffers.values():
