@@ -292,7 +292,7 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
 
     def truth_runs(tag: str) -> None:
         """Per phase: a pure run (duty 1) and duty-cycled runs (the 8B regime's step length, idle gaps),
-        whose lower power lets the clock rise as it does in the mixed regimes (see ``matched_truth``)."""
+        whose lower power lets the clock rise as it does in the mixed regimes (see ``duty_truth``)."""
         for phase in PHASES:
             t = time.time_ns()
             steps.extend(wl.run_steps([(phase, 100.0, 0.0)] * int(pure_s * 10), f"pure_{tag}"))
@@ -480,20 +480,15 @@ def truth_points(meta: dict, steps: list[dict], gpm: list[dict], nvml: list[dict
     return points
 
 
-def matched_truth(points: list[dict], clock_mhz: float | None) -> dict[str, float] | None:
-    """The phase's values at ``clock_mhz``: a straight-line fit of value against SM clock over the truth runs.
-    None when the runs do not span at least 100 MHz (no slope to trust)."""
-    pts = [p for p in points if p["clock_mhz"] is not None]
-    if clock_mhz is None or len(pts) < 2:
-        return None
-    clocks = np.array([p["clock_mhz"] for p in pts])
-    if clocks.max() - clocks.min() < 100:
-        return None
+def duty_truth(points: dict[str, list[dict]], duty: float = 0.5) -> dict[str, dict[str, float]]:
+    """Per phase: the mean of the duty-cycled truth runs at ``duty`` (the 8B regime's step length with idle
+    between): a second reference, for how much a phase's own signature moves with its context."""
     out = {}
-    for key in GPM_METRICS:
-        slope, icpt = np.polyfit(clocks, [p["values"][key] for p in pts], 1)
-        c = float(np.clip(clock_mhz, clocks.min() - 50, clocks.max() + 50))
-        out[key] = float(icpt + slope * c)
+    for phase, pts in points.items():
+        mine = [p for p in pts if abs(p["duty"] - duty) < 1e-9]
+        if mine:
+            out[phase] = {k: float(np.mean([p["values"][k] for p in mine])) for k in GPM_METRICS}
+            out[phase]["clock_mhz"] = float(np.mean([p["clock_mhz"] or 0.0 for p in mine]))
     return out
 
 
@@ -513,22 +508,17 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
     dest.mkdir(parents=True, exist_ok=True)
     truth = truth_from_pure(meta, gpm)
     points = truth_points(meta, steps, gpm, nvml)
-    matched: dict[str, dict[str, dict[str, float]]] = {}
     clocks: dict[str, dict[str, float | None]] = {}
     for span in meta["spans"]:
-        if span["kind"] != "regime":
-            continue
-        regime = span["regime"]
-        clocks[regime] = {}
-        for phase in PHASES:
-            mine = [st for st in steps if st["regime"] == regime and st["phase"] == phase]
-            clocks[regime][phase] = _clock_during(nvml, mine)
-            m = matched_truth(points.get(phase, []), clocks[regime][phase])
-            if m is not None:
-                matched.setdefault(regime, {})[phase] = m
+        if span["kind"] == "regime":
+            clocks[span["regime"]] = {
+                phase: _clock_during(nvml, [st for st in steps if st["regime"] == span["regime"]
+                                            and st["phase"] == phase]) for phase in PHASES}
+    pure_clock = {ph: float(np.mean([p["clock_mhz"] or 0.0 for p in pts if p["duty"] == 1.0]))
+                  for ph, pts in points.items()}
     (dest / "truth.json").write_text(json.dumps(
-        {"gpu": name, "uuid": uuid, "truth": truth, "truth_runs": points, "regime_clock_mhz": clocks,
-         "matched_truth": matched}, indent=1) + "\n")
+        {"gpu": name, "uuid": uuid, "truth": truth, "truth_clock_mhz": pure_clock, "truth_runs": points,
+         "duty_truth": duty_truth(points), "regime_clock_mhz": clocks}, indent=1) + "\n")
     paths = {}
     for span in meta["spans"]:
         if span["kind"] != "regime":
@@ -567,8 +557,8 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
 
 
 def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
-    """Per regime, method and truth ("pure": the pure runs; "matched": the truth runs' values at the clock the
-    phase ran at in that regime, where available): the largest absolute error over TRUTH_KEYS x phases."""
+    """Per regime, method and truth ("pure": the pure runs, the figure of record; "duty": the duty-cycled
+    truth runs, a diagnostic): the largest absolute error over TRUTH_KEYS x the phases that ran."""
     from phaselens.agent.attribution import AttributionConfig, Attributor
     from phaselens.agent.state import GpuIdentity
     from phaselens.phase import Phase
@@ -580,9 +570,9 @@ def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
         uuid = tr.gpu_uuids()[0]
         ident = GpuIdentity(uuid=uuid, index=0, name=tr.meta.gpus[0].name if tr.meta else "")
         truths = {"pure": truth_doc["truth"]}
-        matched = truth_doc.get("matched_truth", {}).get(regime)
-        if matched:
-            truths["matched"] = {ph: matched.get(ph, truth_doc["truth"][ph]) for ph in PHASES}
+        duty = truth_doc.get("duty_truth", {})
+        if all(ph in duty for ph in PHASES):
+            truths["duty"] = duty
         out[regime] = {"windows": 0, "offset_ms": None}
         for method in ("naive", "unmix"):
             attributor = Attributor(AttributionConfig(method=method, horizon_s=3600))
@@ -606,19 +596,31 @@ def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
     return out
 
 
-def print_table(results: dict[str, dict], clocks: dict | None = None) -> str:
-    lines = [f"{'regime':<7} {'naive':>7} {'unmix':>7} | {'naive':>7} {'unmix':>7} {'windows':>8}  "
-             "worst unmix term (matched)  SM clock MHz p/d/m",
-             f"{'':<7} {'(pure-run truth)':>15} | {'(clock-matched truth)':>15}"]
+def print_table(results: dict[str, dict], truth_doc: dict) -> str:
+    """Per regime: naive and unmix against the pure-run truth (the target), unmix against the duty-run truth,
+    the worst unmix term, the SM clock each phase ran at; then the truths themselves with their clocks."""
+    clocks = truth_doc.get("regime_clock_mhz", {})
+    lines = [f"{'regime':<7} {'naive':>7} {'unmix':>7}  {'unmix vs':>8} {'windows':>8}  "
+             f"{'worst unmix term':<28} SM MHz p/d/m",
+             f"{'':<7} {'vs pure-run truth':>15}  {'duty 0.5':>8}"]
     for regime, r in results.items():
-        m_n = r.get("naive_matched", {}).get("max_abs_error")
-        m_u = r.get("unmix_matched", {}).get("max_abs_error")
-        worst = max(r.get("unmix_matched", r["unmix_pure"])["errors"].items(), key=lambda kv: kv[1])
-        clk = "/".join("-" if c is None else f"{c:.0f}" for c in (clocks or {}).get(regime, {}).values())
+        d = r.get("unmix_duty", {}).get("max_abs_error")
+        worst = max(r["unmix_pure"]["errors"].items(), key=lambda kv: kv[1])
+        clk = "/".join("-" if c is None else f"{c:.0f}" for c in clocks.get(regime, {}).values())
         lines.append(f"{regime:<7} {r['naive_pure']['max_abs_error']:>7.3f} "
-                     f"{r['unmix_pure']['max_abs_error']:>7.3f} | "
-                     f"{'-' if m_n is None else f'{m_n:.3f}':>7} {'-' if m_u is None else f'{m_u:.3f}':>7} "
-                     f"{r['windows']:>8}  {worst[0]}={worst[1]:.3f}  {clk}")
+                     f"{r['unmix_pure']['max_abs_error']:>7.3f}"
+                     f"  {'-' if d is None else f'{d:.3f}':>8} {r['windows']:>8}  "
+                     f"{worst[0] + '=' + format(worst[1], '.3f'):<28} {clk}")
+    lines.append("truths (sm / tensor / dram @ SM MHz): pure runs | duty-0.5 runs of the 8B step lengths")
+    for ph in PHASES:
+        t = truth_doc["truth"][ph]
+        row = f"  {ph:<8} {t['sm_active']:.3f} / {t['tensor_active']:.3f} / {t['dram_active']:.3f}"
+        row += f" @ {truth_doc.get('truth_clock_mhz', {}).get(ph, 0):.0f}"
+        dt = truth_doc.get("duty_truth", {}).get(ph)
+        if dt:
+            row += (f" | {dt['sm_active']:.3f} / {dt['tensor_active']:.3f} / {dt['dram_active']:.3f}"
+                    f" @ {dt['clock_mhz']:.0f}")
+        lines.append(row)
     text = "\n".join(lines)
     print(text)
     return text
@@ -716,7 +718,7 @@ def evaluate_cmd(raw: Path, traces: Path | None, fixtures: Path | None, fixture_
     if fixtures:
         write_traces(raw, fixtures, seconds=fixture_s, updates_only=True, with_nvml=False)
     results = evaluate(paths, truth_doc)
-    text = print_table(results, truth_doc.get("regime_clock_mhz"))
+    text = print_table(results, truth_doc)
     (dest / "results.json").write_text(json.dumps(results, indent=1))
     if results_md:
         command = "python3 bench/attribution_accuracy.py " + " ".join(sys.argv[1:])
