@@ -27,7 +27,7 @@ def _shim_jsonl(path: str | None, worker: int, workers: int) -> str | None:
 
 def build_worker_configs(model: str, workers: int, device: str, engine_args: dict, shim_jsonl: str | None,
                          role: Role = Role.COLOCATED) -> list:
-    """One :class:`WorkerConfig` per worker: ``cuda`` means worker i on ``cuda:i``; CPU workers share cores."""
+    """One :class:`WorkerConfig` per worker: ``cuda`` puts worker i on ``cuda:i``; CPU workers share cores."""
     from phaselens.engine.worker_process import WorkerConfig
 
     threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
@@ -93,7 +93,8 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
           served_model_name: str | None, request_log: str | None, max_queue: int, max_num_seqs: int,
           max_num_batched_tokens: int, block_size: int, num_kv_blocks: int | None,
           gpu_memory_utilization: float, max_model_len: int | None, no_prefix_caching: bool, seed: int,
-          shim_socket: str | None, shim_jsonl: str | None, no_shim: bool, worker_start_timeout: float) -> None:
+          shim_socket: str | None, shim_jsonl: str | None, no_shim: bool,
+          worker_start_timeout: float) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from phaselens.engine.config import PRESETS
 

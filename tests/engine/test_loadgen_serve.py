@@ -79,8 +79,8 @@ def _assert_same_bucket_within_one(client: list[float], bounds: list[float], cum
         server_k = next(i for i, c in enumerate(cum) if c >= q * n)
         client_v = float(np.percentile(client, q * 100, method="inverted_cdf"))
         client_k = _bucket(bounds, client_v)
-        assert abs(client_k - server_k) <= 1, (f"{what} p{q * 100:g}: client {client_v * 1e3:.1f} ms in "
-                                               f"bucket <= {bounds[client_k]}, server's <= {bounds[server_k]}")
+        assert abs(client_k - server_k) <= 1, (f"{what} p{q * 100:g}: client {client_v * 1e3:.1f} ms, "
+                                               f"bucket <= {bounds[client_k]}; server <= {bounds[server_k]}")
 
 
 def test_load_run_of_200_requests_agrees_with_the_server(served, tmp_path) -> None:
