@@ -7,10 +7,13 @@ the agent's socket as the shim does. After a warm-up, the agent's CPU time (utim
 the measured wall time, divided by the GPUs it watches, is the figure (target: under 2% of one core per
 GPU). It also checks the agent published an attribution (/metrics) and is healthy (/health).
 
-The engine's throughput with the shim sending vs disabled is measured by bench/shim_overhead.py (the shim's
-benchmark, alternating modes in one run).
+With ``--engine PRESET`` it then runs the bundled engine on the same GPU with its shim sending to this agent
+versus disabled, alternating step by step in one run (each group runs the same workload twice with the modes
+swapped, so every step has a twin under the other mode; the first group is a warm-up), and reports the time
+and tokens/s of each mode over the same steps (target: under 1% difference). bench/shim_overhead.py measures
+the shim alone the same way, with a stand-in listener.
 
-    python3 bench/agent_overhead.py --seconds 60
+    python3 bench/agent_overhead.py --seconds 60 [--engine llama-3.1-8b]
 """
 
 from __future__ import annotations
@@ -29,6 +32,68 @@ import urllib.request
 from pathlib import Path
 
 import click
+
+
+AB_MODES = ("agent", "disabled")
+
+
+def engine_ab(preset: str, sock_path: str, rounds: int, n_requests: int, device: str = "cuda:0",
+              max_tokens: int = 64) -> tuple[str, dict]:
+    """Engine tokens/s with the shim sending to the agent vs disabled, alternating step by step."""
+    import statistics
+
+    import torch
+
+    from phaselens.engine.llm_engine import EngineConfig, LLMEngine
+    from phaselens.engine.sampling_params import SamplingParams
+    from phaselens.serving_shim.shim import PhaseShim
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    engine = LLMEngine(EngineConfig(model=preset, device=device, enable_prefix_caching=False,
+                                    shim_enabled=False, gpu_memory_utilization=0.6))
+    w, c = engine.worker, engine.config
+    shims = {m: PhaseShim(engine.model_config, gpu_uuid=c.gpu_uuid, engine_id="ab", role=c.role,
+                          device=w.device, dtype_bytes=w.dtype_bytes, socket_path=sock_path,
+                          enabled=m == "agent") for m in AB_MODES}
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(128, 1024))] for _ in range(n_requests)]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    times: dict[tuple[int, int, str], tuple[float, int]] = {}
+    for group in range(rounds + 1):
+        for offset in range(2):
+            for i, p in enumerate(prompts):
+                engine.add_request(f"g{group}-{offset}-{i}", p, params)
+            sync()
+            i = 0
+            while engine.has_unfinished_requests():
+                mode = AB_MODES[(i + offset) % 2]
+                engine.shim = shims[mode]
+                t0 = time.perf_counter()
+                tokens = sum(len(o.new_token_ids) for o in engine.step())
+                if group > 0:
+                    times[(group, i, mode)] = (time.perf_counter() - t0, tokens)
+                i += 1
+    sent = shims["agent"].stats
+    for shim in shims.values():
+        shim.close()
+    keys = sorted({(g, i) for g, i, _ in times})
+    pairs = [(times[(g, i, "agent")], times[(g, i, "disabled")]) for g, i in keys
+             if (g, i, "agent") in times and (g, i, "disabled") in times]
+    secs = {m: sum(p[k][0] for p in pairs) for k, m in enumerate(AB_MODES)}
+    toks = {m: sum(p[k][1] for p in pairs) for k, m in enumerate(AB_MODES)}
+    rate = {m: toks[m] / secs[m] for m in AB_MODES}
+    paired = statistics.median([(a[0] - b[0]) / b[0] for a, b in pairs])
+    diff = secs["agent"] / secs["disabled"] - 1.0
+    text = (f"engine {preset} on {device}, {n_requests} requests x {max_tokens} tokens, {rounds} groups "
+            f"after "
+            f"a warm-up, {len(pairs)} paired steps: shim->agent {rate['agent']:.1f} tok/s, "
+            f"disabled {rate['disabled']:.1f} "
+            f"tok/s; time over the same steps {100 * diff:+.2f}% (target < 1%), median paired step "
+            f"{100 * paired:+.2f}%; shim sent {sent.sent} dropped {sent.dropped}")
+    return text, {"rate": rate, "diff": diff, "paired": paired}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -55,7 +120,11 @@ def wait_for(url: str, timeout_s: float) -> None:
 @click.option("--results/--no-results", default=True, help="Append to bench/RESULTS.md.")
 @click.option("--trace-out", type=click.Path(path_type=Path), default=None,
               help="Also run `phaselens record` for 10 s afterwards and keep the trace here.")
-def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: Path | None) -> None:
+@click.option("--engine", "engine_preset", default=None, help="Also A/B the engine (a preset) with the shim.")
+@click.option("--rounds", type=click.IntRange(1, 50), default=4, show_default=True)
+@click.option("--requests", "n_requests", type=click.IntRange(1, 1000), default=32, show_default=True)
+def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: Path | None,
+         engine_preset: str | None, rounds: int, n_requests: int) -> None:
     import torch
 
     from phaselens.phase import Clock, Phase, Role
@@ -96,8 +165,8 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
                             torch.matmul(x, w.t())
                 torch.cuda.synchronize()  # host-clock steps are enough here: this measures the agent's cost
                 t1 = time.time_ns()
-                rec = StepRecord(uuid, "bench", Role.COLOCATED, phase, n, t0, t1, Clock.HOST, 0, 0, 1, 0,
-                                 0.0, 0.0)
+                rec = StepRecord(uuid, "bench", Role.COLOCATED, phase, n, t0, t1, Clock.HOST, 0, 0, 1,
+                                 0, 0.0, 0.0)
                 n += 1
                 try:
                     sender.sendto(dumps(rec).encode(), sock_path)
@@ -111,6 +180,16 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
         c0, w0 = cpu_seconds(agent.pid), time.monotonic()
         run_for(seconds)
         c1, w1 = cpu_seconds(agent.pid), time.monotonic()
+        ab_text = ""
+        if engine_preset:
+            del a, b, w, x
+            torch.cuda.empty_cache()
+            c2, w2 = cpu_seconds(agent.pid), time.monotonic()
+            ab_text, _ = engine_ab(engine_preset, sock_path, rounds, n_requests)
+            c3, w3 = cpu_seconds(agent.pid), time.monotonic()
+            ab_text += (f"\nagent CPU during the engine A/B: {100 * (c3 - c2) / (w3 - w2):.2f}% of one core "
+                        f"({w3 - w2:.0f} s)")
+            print(ab_text, flush=True)
         metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
         try:
             health = json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())
@@ -128,7 +207,11 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
             f"{100 * share:.2f}% of one core per GPU (target < 2%)\n"
             f"steps sent {sent}, dropped {dropped}; agent health {health.get('status')}; "
             f"shim received {health.get('shim_received')} rejected {health.get('shim_rejected')}\n"
-            f"published per-phase series for {uuid}: {len(lines)}\n" + "\n".join(sorted(lines)[:12]))
+            f"published per-phase series for {uuid}: {len(lines)}; tensor_active by phase: "
+            + ", ".join(ln.split('phase="')[1].split('"')[0] + "=" + f"{float(ln.rsplit(' ', 1)[1]):.3f}"
+                        for ln in sorted(lines) if 'metric="tensor_active"' in ln))
+    if ab_text:
+        text += "\n" + ab_text
     print(text)
     if trace_out is not None:
         subprocess.run([sys.executable, "-m", "phaselens", "record", str(trace_out), "--source", "gpm",
