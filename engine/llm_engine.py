@@ -209,7 +209,9 @@ class LLMEngine:
         params = seq.params
         outputs = seq.output_token_ids
         prev_len = len(seq.text)
-        seq.text = seq.detokenizer.add(outputs)
+        det = seq.detokenizer
+        assert det is not None  # attached in add_request
+        seq.text = det.add(outputs)
         reason, cut = None, False
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             reason = "stop"
@@ -219,7 +221,7 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             if not cut:  # text held back (a partial character) belongs to the output now
-                seq.text = seq.detokenizer.flush(outputs)
+                seq.text = det.flush(outputs)
             seq.finish_reason = reason
             self.scheduler.remove(seq)
             self._seqs.pop(seq.request_id, None)

@@ -7,6 +7,7 @@ import enum
 import torch
 
 from phaselens.engine.sampling_params import SamplingParams
+from phaselens.engine.tokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -42,8 +43,8 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.text = ""
-        #: the detokenizer is attached by the engine
-        self.detokenizer = None
+        #: attached by the engine, which knows the tokenizer
+        self.detokenizer: IncrementalDetokenizer | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
