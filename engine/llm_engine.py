@@ -50,6 +50,9 @@ class EngineConfig:
     shim_jsonl_path: str | None = None
     shim_enabled: bool = True
     gpu_uuid: str | None = None
+    #: CPU only: torch intra-op threads; None = 1 for models under 100M parameters (see worker.py), else
+    #: torch's default
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -101,7 +104,8 @@ class LLMEngine:
                              num_kv_blocks=config.num_kv_blocks,
                              gpu_memory_utilization=config.gpu_memory_utilization,
                              max_num_batched_tokens=config.max_num_batched_tokens,
-                             max_num_seqs=config.max_num_seqs, max_model_len=max_len, seed=config.seed)
+                             max_num_seqs=config.max_num_seqs, max_model_len=max_len, seed=config.seed,
+                             cpu_threads=config.cpu_threads)
         capacity = self.worker.num_kv_blocks * config.block_size
         if max_len > capacity:
             if config.max_model_len is not None:

@@ -297,3 +297,17 @@ def test_shim_gets_one_record_per_step(tmp_path) -> None:
     assert all(s["clock"] == "host" and s["gpu_uuid"] == "GPU-sim-0" for s in steps)
     assert sum(s["prefill_tokens"] for s in steps) == sum(map(len, prompts))
     assert e.shim.stats.dropped >= len(steps)  # nobody listens on the socket: dropped, counted, no error
+
+
+def test_cpu_threads_policy() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        engine()  # tiny: under 100M parameters, so one thread
+        assert torch.get_num_threads() == 1
+        engine(cpu_threads=2)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="cpu_threads must be an integer >= 1, got 0"):
+            engine(cpu_threads=0)
+    finally:
+        torch.set_num_threads(before)
