@@ -80,6 +80,8 @@ def generate(preset: str | None, model_path: str | None, prompts: tuple[str, ...
         msg = str(exc)
         names = ("max_num_batched_tokens", "num_kv_blocks", "device")
         hint = next((f"'--{n.replace('_', '-')}'" for n in names if msg.startswith(n)), None)
+        if msg.startswith("model "):
+            hint = "'--model'" if model_path is not None else "'--preset'"
         raise click.BadParameter(msg, param_hint=hint) from None
     with engine:
         ids = []

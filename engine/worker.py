@@ -7,6 +7,7 @@ The cache is sized here: on a GPU from the memory left after the weights and a m
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -48,6 +49,7 @@ class Worker:
         self.dtype_bytes = torch.finfo(self.dtype).bits // 8
         self.model_config = source.config
         self.block_size = block_size
+        self._check_weights_fit()
         self.model: LlamaModel = source.build(self.device, self.dtype, seed, max_model_len)
         self.block_bytes = block_size * self.model_config.kv_bytes_per_token(self.dtype_bytes)
         self.num_kv_blocks = self._size_cache(num_kv_blocks, gpu_memory_utilization, max_num_batched_tokens,
@@ -61,6 +63,18 @@ class Worker:
             self._warm_up(min(256, max_model_len - 1))
         log.info("worker on %s: %s in %s, %d KV blocks of %d tokens (%.2f GiB)", self.device, c.name,
                  self.dtype, self.num_kv_blocks, block_size, self.num_kv_blocks * self.block_bytes / 2**30)
+
+    def _check_weights_fit(self) -> None:
+        """ValueError, before allocating, when the weights alone exceed the device's free memory (an
+        out-of-memory kill halfway through building the model explains nothing)."""
+        need = self.model_config.num_parameters() * self.dtype_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > free:
+            raise ValueError(f"model {self.model_config.name!r} needs {need / 2**30:.1f} GiB of weights in "
+                             f"{self.dtype} but {self.device} has {free / 2**30:.1f} GiB free")
 
     @staticmethod
     def _set_cpu_threads(cpu_threads: int | None, num_params: int) -> None:

@@ -59,6 +59,7 @@ def test_generate_same_greedy_text_twice() -> None:
     (["--device", "tpu"], "'tpu'"),
     (["--num-kv-blocks", "0"], "num_kv_blocks"),
     (["--preset", "tiny", "--model", "x"], "not both"),
+    (["--preset", "llama-3.1-70b"], "GiB of weights"),  # 263 GiB in float32: no CPU machine here has that
 ])
 def test_usage_errors_name_the_value(args: list[str], needle: str) -> None:
     res = invoke("--prompt", "hi", "--no-shim", *args)
