@@ -311,3 +311,28 @@ def test_cpu_threads_policy() -> None:
             engine(cpu_threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_aborts_mid_flight_leave_the_others_exact_and_no_blocks_behind() -> None:
+    # small pool and budget: aborted requests are waiting, mid-prefill, decoding or preempted when they go
+    e = engine(max_num_batched_tokens=16, block_size=4, num_kv_blocks=24)
+    prompts = random_prompts(10, seed=14, lo=5, hi=50)
+    for i, p in enumerate(prompts):
+        e.add_request(f"r{i}", p, SamplingParams(max_tokens=12, ignore_eos=True))
+    doomed = {"r1": 1, "r4": 3, "r7": 6, "r9": 0}  # request -> step after which it is aborted
+    final: dict[str, RequestOutput] = {}
+    step = 0
+    while e.has_unfinished_requests():
+        for rid, at in doomed.items():
+            if at == step:
+                e.abort_request(rid)
+        for o in e.step():
+            if o.finished:
+                final[o.request_id] = o
+        e.block_manager.check_invariants()
+        step += 1
+    assert not set(doomed) & set(final)
+    for i, p in enumerate(prompts):
+        if f"r{i}" not in doomed:
+            assert final[f"r{i}"].output_token_ids == reference(e, p, 12)
+    assert e.block_manager.num_free_blocks == 24
