@@ -1,7 +1,7 @@
 """What the node agent costs: its CPU time per GPU at default settings, with the real samplers (issue 12).
 
-On the GPU machine: starts ``phaselens agent --source gpm`` (defaults: GPM every 20 ms, NVML every 1 s,
-attribution every 5 s over 60 s) as its own process, runs a GPU workload of 8B-shaped steps (bf16 matmul
+On the GPU machine: starts ``phaselens agent --source gpm`` (defaults: GPM polled just before each expected
+refresh, 10 ms until the cadence is known; NVML every 1 s; attribution every 5 s over 60 s) as its own process, runs a GPU workload of 8B-shaped steps (bf16 matmul
 "prefill" chunks, skinny "decode" matmuls, "mixed" steps, idle gaps) and sends one step record per step over
 the agent's socket as the shim does. After a warm-up, the agent's CPU time (utime + stime from /proc) over
 the measured wall time, divided by the GPUs it watches, is the figure (target: under 2% of one core per
@@ -221,7 +221,7 @@ def main(seconds: float, warmup_s: float, port: int, results: bool, trace_out: P
         with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as fh:
             fh.write(f"\n## agent overhead ({stamp}, {name}, {platform.node()})\n\n"
                      f"`python3 bench/agent_overhead.py {' '.join(sys.argv[1:])}` "
-                     f"(defaults: GPM 20 ms, NVML 1 s, "
+                     f"(defaults: GPM polls locked to its refresh cadence, NVML 1 s, "
                      f"attribution every 5 s over 60 s)\n\n```\n{text}\n```\n")
 
 

@@ -223,3 +223,28 @@ def test_replay_keeps_spacing_and_shifts_to_now() -> None:
     assert r.finished
     with pytest.raises(ValueError, match="-1"):
         ReplaySampler(trace, speed=-1)
+
+
+def test_gpm_polls_lock_onto_the_refresh_cadence() -> None:
+    # refreshes every 10 polls of 10 ms = 100 ms; once the cadence is known, polls land just before the
+    # expected refresh and retry every 4 ms: far fewer polls than a fixed 10 ms grid, every refresh seen
+    clock = Clock_(10**15)
+    gpu = FakeGpu("GPU-a", refresh_polls=1)
+    s = GpmSampler(nvml=FakeNvml([gpu]), clock=clock)
+    refresh_ns = 100_000_000
+    polls, seen, steady_polls = 0, [], 0
+    end = clock.t + 3 * 10**9
+    next_due = clock.t
+    while clock.t < end:
+        clock.t = next_due
+        gpu.polls = (clock.t // refresh_ns) * gpu.refresh_polls  # the fake's generation follows the clock
+        recs = s.sample()
+        polls += 1
+        steady_polls += len(seen) >= 10
+        seen += [r.t_ns for r in updates(recs)]
+        next_due = s.next_due_ns(clock.t, 10_000_000)
+    assert len(seen) >= 28  # every refresh of the 3 s, less the first ones that only prime
+    # once locked: at most two polls per refresh (one 2 ms early, one retry); a 10 ms grid takes ten
+    assert steady_polls <= 2 * (len(seen) - 10) + 1
+    lags = [(t % refresh_ns) / 1e6 for t in seen[5:]]
+    assert max(lags) <= 4.0  # each refresh seen within one retry
