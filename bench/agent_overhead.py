@@ -1,8 +1,9 @@
 """What the node agent costs: its CPU time per GPU at default settings, with the real samplers (issue 12).
 
 On the GPU machine: starts ``phaselens agent --source gpm`` (defaults: GPM polled just before each expected
-refresh, 10 ms until the cadence is known; NVML every 1 s; attribution every 5 s over 60 s) as its own process, runs a GPU workload of 8B-shaped steps (bf16 matmul
-"prefill" chunks, skinny "decode" matmuls, "mixed" steps, idle gaps) and sends one step record per step over
+refresh, 10 ms until the cadence is known; NVML every 1 s; attribution every 5 s over 60 s) as its own
+process, runs a GPU workload of 8B-shaped steps (bf16 matmul "prefill" chunks, skinny "decode" matmuls,
+"mixed" steps, idle gaps) and sends one step record per step over
 the agent's socket as the shim does. After a warm-up, the agent's CPU time (utime + stime from /proc) over
 the measured wall time, divided by the GPUs it watches, is the figure (target: under 2% of one core per
 GPU). It also checks the agent published an attribution (/metrics) and is healthy (/health).
