@@ -171,13 +171,23 @@ class Screen:
         return co.prefill.a + co.prefill.b * l + co.prefill.c * (l * l + 2 * l * c)
 
     def prefill_ttft(self, tp: int, rate: float, mask: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
-        """TTFT quantile of a prefill instance receiving ``rate`` req/s of the stream (``mask``: its share)."""
+        """TTFT quantile of a prefill instance receiving ``rate`` req/s of the stream (``mask``: its share).
+
+        Queued prompts are batched into one step, so a step's intercept is shared: at mean batch ``k`` (one
+        plus the arrivals during a step) each prompt loads the server with ``work + a / k``; its own TTFT is
+        at least a whole step, ``a + work``.
+        """
+        co = self._co(tp)
         share = 1.0 if mask is None else float(mask.mean())
-        s = self.prefill_service(tp, mask)
+        full = self.prefill_service(tp, mask)
+        work = full - co.prefill.a
+        lam = rate * share
+        k = 1.0 + lam * float(full.mean())
+        load = work + co.prefill.a / k
         m = slice(None) if mask is None else mask
-        w, rho = self._wait_samples(rate * share, s, self.u[m], self.e[m])
-        ttft = w + s + self.cluster.ttft_overhead_s
-        return float(np.quantile(ttft, self.q_ttft)), {"prefill_utilization": rho,
+        w, rho = self._wait_samples(lam, load, self.u[m], self.e[m])
+        ttft = w + full + self.cluster.ttft_overhead_s
+        return float(np.quantile(ttft, self.q_ttft, method="higher")), {"prefill_utilization": rho, "mean_batch": k,
                                                         "ttft_mean_s": float(ttft.mean())}
 
     def prefill_mean_ttft(self, tp: int, rate: float) -> float:
@@ -255,20 +265,28 @@ class Screen:
         mu = u_p * t  # prefill work per step on average
         sigma = np.sqrt(np.maximum(rate * k * t * ew2, 0.0)) / k
         tpot = d_n + mu + self.z * sigma + exposed / k
-        tpot_q = float(np.quantile(tpot[has], self.q_tpot)) if has.any() else 0.0
+        tpot_q = float(np.quantile(tpot[has], self.q_tpot, method="higher")) if has.any() else 0.0
         details["tpot_mean_s"] = float(tpot[has].mean()) if has.any() else 0.0
         # TTFT of local prefills: M/G/1 wait + the steps the prompt takes
         ttft_q = 0.0
         if local_mask.any():
-            per_step = math.inf if not chunk else max(1.0, chunk - batch)
-            n_steps = np.ceil(l[local_mask] / per_step) if chunk else np.ones(int(local_mask.sum()))
-            s = n_steps * d_n + work[local_mask] + (0.0 if batch >= 1 else co.prefill.a)
+            lw = work[local_mask]
+            ll = l[local_mask]
+            if chunk:
+                # decodes first; prefill chunks share the rest of each step's budget
+                per_step = max(1.0, chunk - batch)
+                load = ll / per_step * d_n + lw
+                floor = d_n + lw
+            else:
+                # whole prompts in prefill-only steps (decodes wait), batched up to the simulator's limit
+                load = co.prefill.a * ll / 16384.0 + lw
+                floor = co.prefill.a + lw
             share = float(local_mask.mean())
-            w, rho = self._wait_samples(rate * share, s, self.u[local_mask], self.e[local_mask])
+            w, rho = self._wait_samples(rate * share, load, self.u[local_mask], self.e[local_mask])
             if rho >= 1:
                 return math.inf, tpot_q, {**details, "limit": "colocated prefill queue"}
-            ttft = w + s + cl.ttft_overhead_s
-            ttft_q = float(np.quantile(ttft, self.q_ttft))
+            ttft = w + np.maximum(load, floor) + cl.ttft_overhead_s
+            ttft_q = float(np.quantile(ttft, self.q_ttft, method="higher"))
             details["prefill_utilization"] = rho
             details["ttft_mean_s"] = float(ttft.mean())
         return ttft_q, tpot_q, details
@@ -299,7 +317,7 @@ class Screen:
         if share == 0 or len(s) == 0:
             fit = InstanceFit(math.inf, "no traffic")
         else:
-            hi = 1.0 / (float(s.mean()) * share)
+            hi = 1.0 / (float(s.mean() - self._co(tp).prefill.a) * share + 1e-12)
             g = self._bisect(lambda r: self.prefill_ttft(tp, r, mask)[0] <= self.slo.ttft_s, hi)
             _, det = self.prefill_ttft(tp, g, mask) if g > 0 else (0.0, {})
             fit = InstanceFit(g, "prefill TTFT", {**det, "service_mean_s": float(s.mean())})
