@@ -34,7 +34,7 @@ def _common(fn: Any) -> Any:
                      help="Poll interval around an expected counter refresh (GPM sleeps between)."),
         click.option("--nvml-interval-ms", type=click.FloatRange(10.0, 60_000.0), default=1000.0,
                      show_default=True, envvar="PHASELENS_NVML_INTERVAL_MS",
-                     help="Poll interval of the NVML fields next to GPM."),
+                     help="Poll interval of the NVML fields next to GPM, and of --source dcgm."),
         click.option("--horizon-s", type=click.FloatRange(5.0, 3600.0), default=60.0, show_default=True,
                      envvar="PHASELENS_HORIZON_S", help="Sliding horizon of the attribution."),
         click.option("--gpu", "gpus", multiple=True, envvar="PHASELENS_GPUS",

@@ -258,8 +258,10 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
     elif config.source == "dcgm":
         from phaselens.agent.samplers.dcgm import DcgmSampler
 
+        # dcgm-exporter refreshes its page on its own collect interval (1 s or more): scraping it every few
+        # ms only costs; it is polled at the NVML interval
         samplers.append((DcgmSampler(url=config.dcgm_url, uuids=uuids, hostname=config.hostname),
-                         config.poll_interval_ms))
+                         config.nvml_interval_ms))
         known = set(uuids) if uuids else None
     elif config.source == "simulated":
         from phaselens.agent.samplers.simulated import SimulatedSampler

@@ -31,6 +31,8 @@ DCGM_FIELDS: dict[str, tuple[str, float]] = {
     "DCGM_FI_DEV_SM_CLOCK": ("sm_clock_hz", 1e6),
     "DCGM_FI_DEV_FB_USED": ("mem_used_bytes", 1024.0 * 1024.0),
 }
+#: a failing exporter is logged at most this often
+LOG_INTERVAL_S = 60.0
 PROFILING_KEYS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active")
 
 
@@ -63,6 +65,8 @@ class DcgmSampler:
         self._previous: dict[str, dict[str, float]] = {}
         self._seen: set[str] = set()
         self._missing_logged: set[str] = set()
+        self._failures = 0
+        self._last_log = -LOG_INTERVAL_S
 
     def sample(self) -> list[SampleRecord]:
         t = self.clock()
@@ -70,8 +74,14 @@ class DcgmSampler:
             text = self.http_get(self.url, self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - any transport error: this poll failed, the agent goes on
             self.last_error = f"scrape of {self.url} failed: {exc}"
-            log.warning("dcgm sampler: %s", self.last_error)
+            self._failures += 1
+            now = time.monotonic()
+            if now - self._last_log >= LOG_INTERVAL_S:  # once, then at most once a minute
+                self._last_log = now
+                log.warning("dcgm sampler: %s (%d failed scrapes so far)", self.last_error, self._failures)
             return []
+        if self.last_error:
+            log.warning("dcgm sampler: %s answers again", self.url)
         self.last_error = ""
         per_gpu = self.parse(text)
         out = []

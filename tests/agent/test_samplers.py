@@ -248,3 +248,14 @@ def test_gpm_polls_lock_onto_the_refresh_cadence() -> None:
     assert steady_polls <= 2 * (len(seen) - 10) + 1
     lags = [(t % refresh_ns) / 1e6 for t in seen[5:]]
     assert max(lags) <= 4.0  # each refresh seen within one retry
+
+
+def test_dcgm_failures_are_logged_once_not_per_poll(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(url: str, timeout: float) -> str:
+        raise ConnectionError("connection refused")
+
+    s = DcgmSampler(url="http://x/metrics", http_get=boom)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            s.sample()
+    assert sum("connection refused" in m for m in caplog.messages) == 1
