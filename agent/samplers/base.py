@@ -8,6 +8,7 @@ disappears (NVML ``GPU_IS_LOST`` and the like) is marked failed and the others g
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +53,22 @@ class FieldSkipper:
             gpu.unsupported.add(key)
             log.warning("%s sampler: %s on %s (%s) is not available: %s; skipping it from now on",
                         self.sampler, key, gpu.uuid, gpu.name, why)
+
+
+class Throttled:
+    """Log a recurring warning once, then at most once a minute per key (polls can fail 100 times a s)."""
+
+    def __init__(self, interval_s: float = 60.0):
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) >= self.interval_s:
+            self._last[key] = now
+            log.warning(msg + " (%d times so far)", *args, self._count[key])
 
 
 def mark_lost(sampler: str, gpu: SampledGpu, why: str) -> None:

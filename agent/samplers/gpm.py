@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, mark_lost, select_gpus
+from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, Throttled, mark_lost, select_gpus
 from phaselens.agent.samplers.nvml_common import enumerate_gpus, is_lost, load_nvml
 from phaselens.trace import SampleRecord
 
@@ -52,6 +52,7 @@ class GpmSampler:
         self.nvml = load_nvml(nvml)
         self.clock = clock
         self.skipper = FieldSkipper(self.name)
+        self.throttled = Throttled()
         self.nvml.nvmlInit()
         gpus = select_gpus(enumerate_gpus(self.nvml), uuids, self.name)
         self.gpus: list[SampledGpu] = []
@@ -108,7 +109,8 @@ class GpmSampler:
             if is_lost(nv, exc):
                 mark_lost(self.name, gpu, str(exc))
             else:
-                log.warning("gpm sampler: sample of %s failed: %s", gpu.uuid, exc)
+                self.throttled.warning(f"sample {gpu.uuid}", "gpm sampler: sample of %s failed: %s",
+                                       gpu.uuid, exc)
             return None
         t = (t0 + self.clock()) // 2
         self._current[gpu.uuid] = nxt
@@ -134,7 +136,8 @@ class GpmSampler:
             if is_lost(nv, exc):
                 mark_lost(self.name, gpu, str(exc))
             else:
-                log.warning("gpm sampler: metrics of %s failed: %s", gpu.uuid, exc)
+                self.throttled.warning(f"metrics {gpu.uuid}", "gpm sampler: metrics of %s failed: %s",
+                                       gpu.uuid, exc)
             return None
         values: dict[str, float | None] = {}
         for i, key in enumerate(keys):

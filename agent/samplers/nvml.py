@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, mark_lost, select_gpus
+from phaselens.agent.samplers.base import FieldSkipper, SampledGpu, Throttled, mark_lost, select_gpus
 from phaselens.agent.samplers.nvml_common import enumerate_gpus, is_lost, is_unsupported, load_nvml
 from phaselens.trace import SampleRecord
 
@@ -28,6 +28,7 @@ class NvmlSampler:
         self.nvml = load_nvml(nvml)
         self.clock = clock
         self.skipper = FieldSkipper(self.name)
+        self.throttled = Throttled()
         self.nvml.nvmlInit()
         self.gpus: list[SampledGpu] = select_gpus(enumerate_gpus(self.nvml), uuids, self.name)
         self.utilization_buffer = utilization_buffer
@@ -57,7 +58,8 @@ class NvmlSampler:
             if is_unsupported(self.nvml, exc):
                 self.skipper.skip(gpu, key, str(exc))
             else:
-                log.warning("nvml sampler: %s of %s failed: %s", key, gpu.uuid, exc)
+                self.throttled.warning(f"{key} {gpu.uuid}", "nvml sampler: %s of %s failed: %s", key,
+                                       gpu.uuid, exc)
             return None
 
     def _sample_one(self, gpu: SampledGpu) -> list[SampleRecord]:
