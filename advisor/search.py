@@ -329,19 +329,19 @@ class Search:
         out: list[Reason] = []
         wl, cl, slo = self.workload, self.cluster, self.slo
         pays = split_gain > margin
-        # 1. short effective prompts: how much of a colocated GPU's time prefill takes at its goodput
-        if colo is not None:
-            det = colo.candidate.details
-            share = float(det.get("prefill_work_share", 0.0))
-            l_eff = float(wl.effective_prompt(False).mean())
-            tp = colo.placement.tp_d
-            t_pre = self.model.coefficients(tp).prefill_time(l_eff, l_eff * l_eff)
-            out.append(Reason(
-                "short_prompts", share < 0.25 and not pays, share, 0.25,
-                f"prefill work is {share:.0%} of a colocated GPU's time at its goodput (mean effective prompt "
-                f"{l_eff:.0f} tokens, {t_pre * 1e3:.1f} ms at TP{tp}, vs the {slo.tpot_s * 1e3:g} ms TPOT target): "
-                + ("little for a split to take off the decode steps" if share < 0.25 else
-                   "enough to stretch decode steps noticeably")))
+        # 1. short effective prompts: how long one prompt's prefill stalls the decode steps it joins,
+        #    against the TPOT budget (a split takes exactly that stall off the decodes)
+        tp = colo.placement.tp_d if colo is not None else 1
+        co = self.model.coefficients(tp)
+        l_eff = wl.effective_prompt(False).astype(float)
+        stall = float(np.mean(co.prefill.b * l_eff + co.prefill.c * l_eff * l_eff))
+        ratio = stall / slo.tpot_s
+        share = float(colo.candidate.details.get("prefill_work_share", 0.0)) if colo is not None else 0.0
+        out.append(Reason(
+            "short_prompts", ratio < 0.5 and not pays, ratio, 0.5,
+            f"a mean effective prompt ({l_eff.mean():.0f} tokens) adds {stall * 1e3:.1f} ms of prefill to the decode "
+            f"step it joins at TP{tp}, {ratio:.0%} of the {slo.tpot_s * 1e3:g} ms TPOT target; prefill is {share:.0%} "
+            "of a colocated GPU's time at its goodput"))
         # 2. prefix reuse on the decode side
         l_colo = float(wl.effective_prompt(False).mean())
         l_split = float(wl.effective_prompt(True).mean())
@@ -352,7 +352,12 @@ class Search:
             f"earlier turns of the same session, held where they were decoded: a prefill pool recomputes them, "
             f"{l_split:.0f} vs {l_colo:.0f} prompt tokens per request ({extra:+.0%})"))
         # 3. too few GPUs to split well (integer rounding)
-        if split is not None:
+        min_split = 2 * min(sc.usable_tp() or [1])
+        if cl.gpus < min_split:
+            out.append(Reason("too_few_gpus", True, float(cl.gpus), float(min_split),
+                              f"{cl.gpus} GPU(s): a split needs at least {min_split} (one prefill and one decode "
+                              "instance)"))
+        elif split is not None:
             c = split.candidate
             loss = 1.0 - c.per_gpu / c.ideal_per_gpu if c.ideal_per_gpu > 0 else 0.0
             out.append(Reason(
@@ -360,24 +365,21 @@ class Search:
                 f"with {cl.gpus} GPUs the best {c.placement.label} reaches {c.per_gpu:.3g} req/s per GPU in "
                 f"closed form against {c.ideal_per_gpu:.3g} with ideal fractional pools: {loss:.0%} lost to "
                 "integer rounding"))
-        else:
-            out.append(Reason("too_few_gpus", True, float(cl.gpus), 2.0,
-                              f"{cl.gpus} GPU(s): no split of prefill and decode pools fits"))
-        # 4. slow KV link: what the split would serve with a free link
+        # 4. slow KV link: what the split would serve with a free link, and the link's load at the colocated
+        #    goodput per GPU (every request's KV crosses a link once)
         kv_mb = float(sc.kv_bytes.mean()) / 1e6
         per_xfer = float(sc.kv_bytes.mean()) / cl.link_bytes_per_s
         fast = self.screen(cluster=replace(cl, kv_link_gbps=1e6)).split()
         now = sc.split()
         if fast and fast[0].per_gpu > 0:
             lost = 1.0 - (now[0].per_gpu if now else 0.0) / fast[0].per_gpu
-            load = 0.0
-            if now:
-                load = float(now[0].details.get("decode", {}).get("link_load", 0.0))
+            per_gpu_rate = colo.per_gpu if colo is not None else fast[0].per_gpu
+            load = per_gpu_rate * float(sc.kv_bytes.mean()) / cl.link_bytes_per_s
             out.append(Reason(
                 "slow_kv_link", lost > 0.1, lost, 0.1,
                 f"KV of a mean prompt is {kv_mb:.1f} MB: {per_xfer * 1e3:.1f} ms over a {cl.kv_link_gbps:g} Gb/s "
-                f"link per GPU; link load {load:.0%} at the split's goodput; the link costs the split {lost:.0%} "
-                "of its goodput against a free one"))
+                f"link per GPU; at {per_gpu_rate:.3g} req/s per GPU that is {load:.0%} link load; the link costs "
+                f"the split {lost:.0%} of its goodput against a free one"))
         # 5. SLO shape: which target binds colocated
         if colo is not None and colo.result is not None:
             res = colo.result
