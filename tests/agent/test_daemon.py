@@ -20,7 +20,7 @@ from phaselens.cli import cli
 from phaselens.phase import Phase
 from phaselens.trace import dumps, read_trace
 from tests.agent.fake_nvml import FakeGpu, FakeNvml
-from tests.agent.sim_helpers import T0, FakeClock, engine_like_steps
+from tests.agent.sim_helpers import T0, FakeClock, engine_like_steps, step
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "attribution"
 
@@ -138,10 +138,28 @@ def test_attribute_command_on_bad_files(tmp_path: Path) -> None:
 
 def test_record_with_simulated_source_writes_a_trace(tmp_path: Path) -> None:
     out = tmp_path / "trace.jsonl"
-    r = CliRunner().invoke(cli, ["record", str(out), "--source", "simulated", "--duration-s", "0.5",
-                                 "--socket-path", str(tmp_path / "s.sock"), "--poll-interval-ms", "10"])
+    sock_path = tmp_path / "s.sock"
+
+    def send_steps() -> None:  # as the shim would, once the recorder's socket exists
+        import socket as socket_mod
+        import time
+
+        deadline = time.monotonic() + 10
+        while not sock_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM) as s:
+            for i in range(3):
+                t = time.time_ns()
+                s.sendto(dumps(step("GPU-sim-0", Phase.DECODE, t - 5_000_000, t, i)).encode(), str(sock_path))
+
+    sender = threading.Thread(target=send_steps)
+    sender.start()
+    r = CliRunner().invoke(cli, ["record", str(out), "--source", "simulated", "--duration-s", "1.0",
+                                 "--socket-path", str(sock_path), "--poll-interval-ms", "10"])
+    sender.join()
     assert r.exit_code == 0, r.output
     trace = read_trace(out)
+    assert [s.step for s in trace.steps] == [0, 1, 2]
     assert trace.meta is not None and trace.meta.gpus[0].uuid == "GPU-sim-0"
     assert len(trace.samples) >= 10 and all(s.source == "simulated" for s in trace.samples)
     assert trace.malformed == 0
