@@ -1,0 +1,66 @@
+"""Step-time model: the fit recovers known coefficients, reports holdout error, and fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from phaselens.advisor.step_model import MIN_STEPS_PER_PHASE, NotEnoughStepsError, StepModel
+from phaselens.engine.config import preset
+from phaselens.gpus import gpu_spec
+
+from .synth import TRUE, synth_steps
+
+
+def test_fit_recovers_prefill_and_decode_coefficients():
+    model = StepModel.fit(synth_steps(n_prefill=80, n_decode=160, noise=0.01, seed=1))
+    co = model.coefficients(1)
+    a, b, c = TRUE["prefill"]
+    assert co.prefill.a == pytest.approx(a, rel=0.1)
+    assert co.prefill.b == pytest.approx(b, rel=0.05)
+    assert co.prefill.c == pytest.approx(c, rel=0.25)
+    # the knee is found and the large-batch line is steeper per sequence
+    assert co.knee is not None and 30 <= co.knee <= 100
+    assert co.decode_large is not None and co.decode_large.c > co.decode.c
+    for n, t in [(1, 0.0075 + 2e-8 * 500 + 2e-5), (120, 0.0055 + 2e-8 * 120 * 1500 + 6e-5 * 120)]:
+        ctx = 500 if n == 1 else 120 * 1500
+        assert co.decode_time(n, ctx) == pytest.approx(t, rel=0.05)
+    # holdout error is about the noise level (1% normal noise -> ~0.8% mean absolute)
+    assert model.holdout_error["prefill"] < 0.03 and model.holdout_error["decode"] < 0.03
+    assert model.error == max(model.holdout_error["prefill"], model.holdout_error["decode"])
+
+
+def test_no_knee_when_the_data_has_none():
+    model = StepModel.fit(synth_steps(knee=False, noise=0.01))
+    assert model.coefficients(1).knee is None
+
+
+def test_mixed_steps_fitted_when_present():
+    model = StepModel.fit(synth_steps(n_mixed=40, noise=0.01))
+    assert model.coefficients(1).mixed is not None
+    assert model.holdout_error["mixed"] < 0.05
+
+
+@pytest.mark.parametrize("n", [0, 5])
+def test_too_few_steps_named(n):
+    steps = synth_steps(n_prefill=n, n_decode=50)
+    with pytest.raises(NotEnoughStepsError, match=f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE}"):
+        StepModel.fit(steps)
+
+
+def test_roofline_fallback_is_flagged_and_ordered():
+    model = StepModel.roofline(preset("llama-3.1-8b"), gpu_spec("NVIDIA H100 80GB HBM3"), (1, 2))
+    assert any("roofline" in f and "not measured" in f for f in model.flags)
+    one, two = model.coefficients(1), model.coefficients(2)
+    # a 2048-token prefill is compute-bound: ~2*8e9*2048 FLOP at 60% of 989 TFLOP/s ~ 55 ms
+    assert 0.03 < one.prefill_time(2048, 2048 ** 2) < 0.12
+    # decode of one sequence is weight-read bound: 16 GB at 80% of 3.35 TB/s ~ 6 ms
+    assert 0.004 < one.decode_time(1, 1000) < 0.012
+    assert two.prefill_time(2048, 2048 ** 2) < one.prefill_time(2048, 2048 ** 2)
+
+
+def test_tp_extrapolation_flagged():
+    model = StepModel.fit(synth_steps()).with_tp_degrees((1, 2, 4), preset("llama-3.1-8b"))
+    assert model.tp_degrees == [1, 2, 4]
+    assert any("extrapolated" in f for f in model.flags)
+    assert model.coefficients(4).source.startswith("extrapolated")
+    assert model.coefficients(4).prefill.b < model.coefficients(1).prefill.b
