@@ -82,6 +82,9 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
+_MAX_UTF8_BYTES = 4
+
+
 class IncrementalDetokenizer:
     """Text of a growing list of output ids, decoding only a short window each time (vLLM's method).
 
@@ -99,7 +102,13 @@ class IncrementalDetokenizer:
         """Text after ``ids`` (all output ids so far); returns the full text."""
         prefix_text = self.tokenizer.decode(ids[self._prefix:self._read])
         new_text = self.tokenizer.decode(ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        # A trailing U+FFFD may be half a character still arriving; a UTF-8 character has at most 4 bytes,
+        # so after 4 more ids it is a real replacement character (an id the tokenizer does not know) and is
+        # emitted. Without that bound, a stream of unknown ids would hold back all text until the end, and
+        # each step would re-decode the whole output.
+        pending = len(ids) - self._read
+        complete = not new_text.endswith("\ufffd") or pending >= _MAX_UTF8_BYTES
+        if len(new_text) > len(prefix_text) and complete:
             self.text += new_text[len(prefix_text):]
             self._prefix, self._read = self._read, len(ids)
         return self.text

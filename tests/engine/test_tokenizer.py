@@ -79,3 +79,30 @@ def test_hf_tokenizer_bad_files_name_the_file(tmp_path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         HFTokenizer(bad, 0, (1,))
+
+
+def test_unknown_ids_stream_without_holding_back_everything() -> None:
+    """Ids the byte tokenizer does not know are real U+FFFD: emitted after at most 4 more ids, not at the end."""
+    from phaselens.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    ids: list[int] = []
+    lengths = []
+    for i in range(20):
+        ids.append(1000 + i)  # unknown to the byte tokenizer
+        lengths.append(len(detok.add(ids)))
+    assert lengths[-1] >= 20 - 4
+    assert detok.flush(ids) == "\ufffd" * 20
+
+
+def test_multibyte_character_is_not_split() -> None:
+    from phaselens.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode("aé€😀b", add_bos=False)
+    detok = IncrementalDetokenizer(tok)
+    seen = []
+    for n in range(1, len(ids) + 1):
+        seen.append(detok.add(ids[:n]))
+    assert all("\ufffd" not in text for text in seen)
+    assert detok.flush(ids) == "aé€😀b"
