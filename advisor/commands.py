@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
+
+from phaselens.advisor.step_model import StepModel
+from phaselens.advisor.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +27,9 @@ def _duration_s(text: str) -> float:
 
 
 @click.command("advise")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
-              help="Step records (JSONL trace, or the engine's --shim-jsonl file) to fit the step-time model.")
+@click.option("--trace", "trace_paths", type=click.Path(dir_okay=False), multiple=True,
+              help="Step records to fit the step-time model: a JSONL trace or the engine's --shim-jsonl files "
+                   "(repeat for several workers).")
 @click.option("--request-log", type=click.Path(dir_okay=False), default=None,
               help="The engine's request log (phaselens serve --request-log): the workload.")
 @click.option("--workload", "workload_spec", default=None,
@@ -49,6 +55,9 @@ def _duration_s(text: str) -> float:
 @click.option("--ttft-pct", type=float, default=90.0, show_default=True, help="TTFT percentile the target applies to.")
 @click.option("--tpot-pct", type=float, default=90.0, show_default=True, help="TPOT percentile the target applies to.")
 @click.option("--attainment", type=float, default=None, help="Joint SLO attainment required (0..1), optional.")
+@click.option("--ttft-overhead-ms", type=float, default=None,
+              help="Latency outside the engine's steps added to every TTFT (front-end, tokenization); default: "
+                   "estimated from the request log and the step model, else 0.")
 @click.option("--seeds", type=click.IntRange(1, 16), default=2, show_default=True, help="Simulation seeds.")
 @click.option("--requests", "n_requests", type=click.IntRange(100, 100000), default=1000, show_default=True,
               help="Requests per simulation run.")
@@ -59,19 +68,19 @@ def _duration_s(text: str) -> float:
 @click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
               help="Write the phaselens_advisor_* metrics here in the Prometheus text format.")
 @click.option("--apply", is_flag=True, help="Switch the running engine to the recommended mode (not yet).")
-def advise(trace_path: str | None, request_log: str | None, workload_spec: str | None, prom_url: str | None,
+def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec: str | None, prom_url: str | None,
            prometheus_range: str, rate: float | None, preset: str | None, model_config: str | None,
            gpu_name: str | None, gpus: int, gpus_per_node: int, tp_degrees: tuple[int, ...], measured_tp: int,
            kv_link_gbps: float, price_per_gpu_hour: float, ttft_ms: float, tpot_ms: float, ttft_pct: float,
-           tpot_pct: float, attainment: float | None, seeds: int, n_requests: int, no_simulate: bool,
+           tpot_pct: float, attainment: float | None, ttft_overhead_ms: float | None, seeds: int, n_requests: int, no_simulate: bool,
            as_json: bool, html_path: str, metrics_file: str | None, apply: bool) -> None:
     """Should prefill and decode run on separate GPU pools? Fits the step model to your steps, screens every
     split and colocated configuration, simulates the best, and says whether splitting pays, with numbers."""
     from phaselens.advisor import report
     from phaselens.advisor.inputs import Cluster, InputError, Slo
     from phaselens.advisor.search import Search
-    from phaselens.advisor.step_model import NotEnoughStepsError, StepModel
-    from phaselens.advisor.workload import Workload, WorkloadError
+    from phaselens.advisor.step_model import NotEnoughStepsError
+    from phaselens.advisor.workload import WorkloadError
     from phaselens.engine.config import ModelConfig, preset as get_preset
     from phaselens.gpus import UnknownGpuError, gpu_spec
     from phaselens.trace import read_trace
@@ -101,12 +110,18 @@ def advise(trace_path: str | None, request_log: str | None, workload_spec: str |
 
     # steps
     trace = None
-    if trace_path is not None:
+    for trace_path in trace_paths:
         if not Path(trace_path).is_file():
             raise click.BadParameter(f"{trace_path!r} does not exist", param_hint="--trace")
-        trace = read_trace(trace_path)
-        if trace.malformed:
-            log.warning("%s: %d malformed lines skipped", trace_path, trace.malformed)
+        part = read_trace(trace_path)
+        if part.malformed:
+            log.warning("%s: %d malformed lines skipped", trace_path, part.malformed)
+        if trace is None:
+            trace = part
+        else:
+            trace.meta = trace.meta or part.meta
+            trace.steps.extend(part.steps)
+    trace_path = ", ".join(trace_paths)
     if gpu_name is None and trace is not None and trace.meta is not None and trace.meta.gpus:
         gpu_name = trace.meta.gpus[0].name
     if gpu_name is None:
@@ -148,6 +163,18 @@ def advise(trace_path: str | None, request_log: str | None, workload_spec: str |
         hint = "--request-log" if request_log else "--workload" if workload_spec else "--prometheus"
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
+    if ttft_overhead_ms is None:
+        overhead = estimate_ttft_overhead(step_model, workload, measured_tp)
+        if overhead > 0:
+            workload = replace(workload, notes=workload.notes + (
+                f"TTFT overhead outside the steps estimated at {overhead * 1e3:.1f} ms (25th percentile of measured "
+                "TTFT minus the step model's prefill time, from the request log)",))
+    else:
+        overhead = ttft_overhead_ms / 1e3
+    try:
+        cluster = replace(cluster, ttft_overhead_s=overhead)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttft-overhead-ms") from None
     try:
         advice = Search(step_model, workload, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests,
                         simulate=not no_simulate).run()
@@ -166,7 +193,19 @@ def advise(trace_path: str | None, request_log: str | None, workload_spec: str |
     sys.stdout.flush()
 
 
-def _flag(model, text):  # type: ignore[no-untyped-def]
-    from dataclasses import replace
-
+def _flag(model: StepModel, text: str) -> StepModel:
     return replace(model, flags=model.flags + (text,))
+
+
+def estimate_ttft_overhead(model: StepModel, workload: Workload, tp: int) -> float:
+    """Latency every request pays outside the engine's steps: the 25th percentile of measured TTFT minus the
+    modelled prefill time (the low quantile keeps queueing out), 0 without measurements."""
+    ttft = workload.measured_ttft_s
+    if ttft is None or not np.isfinite(ttft).any() or tp not in model.by_tp:
+        return 0.0
+    co = model.coefficients(tp)
+    l = workload.effective_prompt(False).astype(float)
+    c = workload.cached_tokens.astype(float)
+    pre = co.prefill.a + co.prefill.b * l + co.prefill.c * (l * l + 2 * l * c)
+    diff = (ttft - pre)[np.isfinite(ttft)]
+    return float(min(max(np.quantile(diff, 0.25), 0.0), 10.0))

@@ -54,6 +54,8 @@ class Workload:
     burstiness: float = 1.0
     source: str = "spec"
     notes: tuple[str, ...] = field(default=())
+    #: measured TTFT per row (request log only), seconds; NaN where unknown
+    measured_ttft_s: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.prompt_tokens)
@@ -179,8 +181,10 @@ class Workload:
         usable = []
         for r in rows:
             try:
+                first = r.get("first_token_ns")
+                ttft = (int(first) - int(r["arrival_ns"])) / 1e9 if first is not None else math.nan
                 usable.append((int(r["arrival_ns"]), int(r["prompt_tokens"]), int(r.get("cached_tokens") or 0),
-                               int(r["output_tokens"]), r.get("session_id")))
+                               int(r["output_tokens"]), r.get("session_id"), ttft))
             except (KeyError, TypeError, ValueError):
                 continue
         usable = [u for u in usable if u[1] >= 1 and u[3] >= 1]
@@ -205,7 +209,7 @@ class Workload:
             notes.append("fewer than 11 requests: Poisson arrivals assumed")
         seen: set[str] = set()
         static, history = [], []
-        for _, _, cached, _, session in usable:
+        for _, _, cached, _, session, _ in usable:
             if session is not None and session in seen:
                 static.append(0)
                 history.append(cached)
@@ -214,9 +218,10 @@ class Workload:
                 history.append(0)
             if session is not None:
                 seen.add(session)
-        return cls.from_arrays(rate, [u[1] for u in usable], [u[3] for u in usable], cached=static,
-                               history=history, burstiness=burst, source=f"request log {path.name}",
-                               notes=tuple(notes))
+        wl = cls.from_arrays(rate, [u[1] for u in usable], [u[3] for u in usable], cached=static,
+                             history=history, burstiness=burst, source=f"request log {path.name}",
+                             notes=tuple(notes))
+        return replace(wl, measured_ttft_s=np.array([u[5] for u in usable], dtype=float))
 
     @classmethod
     def from_spec(cls, spec: str | dict[str, Any], *, seed: int = 0, samples: int = SPEC_SAMPLES) -> "Workload":
