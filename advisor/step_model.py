@@ -40,6 +40,11 @@ MIN_STEPS_PER_PHASE = 12
 HOLDOUT_FRACTION = 0.2
 #: A second decode line is used only when it cuts the relative RMS error by this factor or more.
 KNEE_GAIN = 0.8
+#: Outlier steps (warm-up, a shape's first run, a host stall inside the interval): a relative residual more
+#: than 3.5 robust standard deviations (1.4826 x MAD) from the median one, Iglewicz and Hoaglin's modified
+#: z-score rule (1993), and at least OUTLIER_MIN_REL off the model.
+OUTLIER_SDS = 3.5
+OUTLIER_MIN_REL = 0.10
 #: Roofline efficiencies for the fallback: sustained fraction of datasheet peak (typical for bf16 GEMMs
 #: and streaming reads on Hopper/Ampere; they are assumptions, and the model says so).
 ROOFLINE_MFU = 0.6
@@ -79,6 +84,8 @@ class StepCoefficients:
     decode: Line3
     decode_large: Line3 | None = None
     knee: int | None = None
+    #: what the knee splits on: the decode batch, or the summed context (tokens)
+    knee_on: str = "batch"
     mixed: tuple[float, float, float, float, float] | None = None
     #: "fit", "published", "roofline", or "extrapolated from TP1 fit" (how these numbers were obtained)
     source: str = "fit"
@@ -87,15 +94,16 @@ class StepCoefficients:
         p = self.prefill
         return p.a + p.b * sum_l + p.c * sum_quad
 
-    def decode_line(self, batch: float) -> Line3:
-        if self.decode_large is not None and self.knee is not None and batch >= self.knee:
-            return self.decode_large
+    def decode_line(self, batch: float, context: float = 0.0) -> Line3:
+        if self.decode_large is not None and self.knee is not None:
+            if (batch if self.knee_on == "batch" else context) >= self.knee:
+                return self.decode_large
         return self.decode
 
     def decode_time(self, batch: float, context: float) -> float:
         if batch <= 0:
             return 0.0
-        d = self.decode_line(batch)
+        d = self.decode_line(batch, context)
         return d.a + d.b * context + d.c * batch
 
     def mixed_time(self, sum_l: float, sum_quad: float, batch: float, context: float) -> float:
@@ -107,7 +115,7 @@ class StepCoefficients:
         if self.mixed is not None:
             a, bp, cp, bd, cd = self.mixed
             return a + bp * sum_l + cp * sum_quad + bd * context + cd * batch
-        d = self.decode_line(batch)
+        d = self.decode_line(batch, context)
         p = self.prefill
         return max(p.a, d.a) + p.b * sum_l + p.c * sum_quad + d.b * context + d.c * batch
 
@@ -145,7 +153,8 @@ class StepModel:
 
     @property
     def error(self) -> float:
-        """The model's own error: the worse of the prefill and decode held-out errors (0 when unknown)."""
+        """The model's own error: the worse of the prefill and decode held-out errors on steps that are not
+        outliers (0 when unknown); the errors over all steps are in ``holdout_error`` as ``*_all_steps``."""
         vals = [v for k, v in self.holdout_error.items() if k in ("prefill", "decode")]
         return max(vals) if vals else 0.0
 
@@ -235,18 +244,31 @@ class StepModel:
         rng = np.random.default_rng(seed)
         errors: dict[str, float] = {}
 
-        prefill, errors["prefill"] = _fit_with_holdout(data.prefill_x, data.prefill_y, rng)
-        decode, decode_large, knee, errors["decode"] = _fit_decode(data.decode_x, data.decode_y, rng)
+        pre = _fit_phase(data.prefill_x, data.prefill_y, rng)
+        dec = _fit_phase(data.decode_x, data.decode_y, rng, knee_search=True)
+        fits = {"prefill": pre, "decode": dec}
         mixed = None
         if len(data.mixed_y) >= MIN_STEPS_PER_PHASE:
-            coef, errors["mixed"] = _fit_with_holdout(data.mixed_x, data.mixed_y, rng)
-            mixed = tuple(float(v) for v in coef)
+            mix = _fit_phase(data.mixed_x, data.mixed_y, rng)
+            fits["mixed"] = mix
+            mixed = tuple(float(v) for v in mix.fit.small)
         elif len(data.mixed_y):
             flags.append(f"only {len(data.mixed_y)} mixed steps: mixed steps modelled as prefill + decode terms")
+        for name, f in fits.items():
+            errors[name] = f.holdout_error
+            errors[name + "_all_steps"] = f.holdout_error_all
+            if f.outliers:
+                n = len(f.fit.inliers)
+                flags.append(
+                    f"{name}: {f.outliers} of {n} steps ({f.outliers / n:.0%}) are outliers (modified z-score over "
+                    f"{OUTLIER_SDS:g} and over {OUTLIER_MIN_REL:.0%} off the model; median {f.outlier_ratio:.2f}x "
+                    f"the model: warm-up, first run of a shape, host stalls inside the interval); left out of the "
+                    f"fit; all {name} steps together took {f.time_ratio_all:.2f}x the model's time")
+        d_large = dec.fit.large if dec.fit.knee is not None else None
         co = StepCoefficients(
-            tp=tp, prefill=Line3(*map(float, prefill)), decode=Line3(*map(float, decode)),
-            decode_large=None if decode_large is None else Line3(*map(float, decode_large)), knee=knee,
-            mixed=mixed, source="fit")  # type: ignore[arg-type]
+            tp=tp, prefill=Line3(*map(float, pre.fit.small)), decode=Line3(*map(float, dec.fit.small)),
+            decode_large=None if d_large is None else Line3(*map(float, d_large)), knee=dec.fit.knee,
+            knee_on="batch" if dec.fit.col == 2 else "context", mixed=mixed, source="fit")  # type: ignore[arg-type]
         used = {"prefill": len(data.prefill_y), "decode": len(data.decode_y), "mixed": len(data.mixed_y)}
         return cls(by_tp={tp: co}, holdout_error=errors, steps_used=used, measured_tp=tp, flags=tuple(flags))
 
@@ -339,52 +361,102 @@ def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return idx[n_hold:], idx[:n_hold]
 
 
-def _fit_with_holdout(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    train, hold = _split(len(y), rng)
-    coef = _nnls_relative(x[train], y[train])
-    err = float(_rel_err(x[hold], y[hold], coef).mean())
-    return _nnls_relative(x, y), err
+def _outlier_threshold(rel: np.ndarray) -> float:
+    """Distance of a relative residual from the median one beyond which a step is an outlier."""
+    if not len(rel):
+        return OUTLIER_MIN_REL
+    scale = 1.4826 * float(np.median(np.abs(rel - np.median(rel))))
+    return max(OUTLIER_MIN_REL, OUTLIER_SDS * scale)
 
 
-def _fit_decode(x: np.ndarray, y: np.ndarray, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray | None, int | None, float]:
-    """One line, or two split at a batch knee when that cuts the relative RMS error enough."""
-    batch = x[:, 2]
-    train, hold = _split(len(y), rng)
+class _Piecewise:
+    """One line, or two split at a decode batch knee; fitted robustly (outliers trimmed, then refitted)."""
 
-    def fit_pieces(rows: np.ndarray, knee: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-        if knee is None:
-            return _nnls_relative(x[rows], y[rows]), None
-        lo, hi = rows[batch[rows] < knee], rows[batch[rows] >= knee]
-        return _nnls_relative(x[lo], y[lo]), _nnls_relative(x[hi], y[hi])
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, knee: int | None, split_col: int = 2):
+        self.knee = knee
+        self.col = split_col
+        mask = np.ones(len(rows), bool)
+        for _ in range(6):
+            self._fit(x[rows[mask]], y[rows[mask]])
+            rel = self.rel(x[rows], y[rows])
+            self.threshold = _outlier_threshold(rel[mask])
+            self.center = float(np.median(rel[mask]))
+            new = np.abs(rel - self.center) <= self.threshold
+            if new.sum() < max(4, len(rows) // 2) or (new == mask).all():
+                break
+            mask = new
+        self.inliers = mask
 
-    def predict(rows: np.ndarray, knee: int | None, small: np.ndarray, large: np.ndarray | None) -> np.ndarray:
-        pred = x[rows] @ small
-        if knee is not None and large is not None:
-            above = batch[rows] >= knee
-            pred[above] = x[rows][above] @ large
+    def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.knee is None:
+            self.small, self.large = _nnls_relative(x, y), None
+            return
+        lo = x[:, self.col] < self.knee
+        self.small = _nnls_relative(x[lo], y[lo])
+        self.large = _nnls_relative(x[~lo], y[~lo]) if (~lo).any() else self.small
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        pred = x @ self.small
+        if self.knee is not None and self.large is not None:
+            above = x[:, self.col] >= self.knee
+            pred[above] = x[above] @ self.large
         return pred
 
-    def rms(rows: np.ndarray, knee: int | None) -> float:
-        small, large = fit_pieces(rows, knee)
-        return float(np.sqrt(np.mean(((predict(rows, knee, small, large) - y[rows]) / y[rows]) ** 2)))
+    def rel(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (self.predict(x) - y) / y
 
-    best_knee: int | None = None
-    best = rms(train, None)
-    distinct = np.unique(batch[train])
-    if len(distinct) >= 6:
-        for q in np.linspace(0.2, 0.8, 13):
-            knee = int(np.quantile(distinct, q))
-            lo = int((batch[train] < knee).sum())
-            if lo < 6 or len(train) - lo < 6:
+    def inlier(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.abs(self.rel(x, y) - self.center) <= self.threshold
+
+    def rms(self, x: np.ndarray, y: np.ndarray) -> float:
+        rel = self.rel(x, y)
+        return float(np.sqrt(np.mean(rel[self.inlier(x, y)] ** 2)))
+
+
+@dataclass
+class _PhaseFit:
+    fit: _Piecewise
+    holdout_error: float
+    outliers: int
+    #: held-out mean relative error over every held-out step, outliers included
+    holdout_error_all: float
+    #: median measured/model time of the outlier steps, and total measured/model time over all steps
+    outlier_ratio: float
+    time_ratio_all: float
+
+
+def _fit_phase(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, knee_search: bool = False) -> _PhaseFit:
+    """Fit on 80% (robustly), score the held-out 20% (its own outliers excluded and counted), refit on all."""
+    train, hold = _split(len(y), rng)
+    knee: int | None = None
+    knee_col = 2
+    pf = _Piecewise(x, y, train, None)
+    if knee_search:
+        best = pf.rms(x[train], y[train])
+        # a knee in batch (kernel or tile change) or in total context (weight-read bound below it, KV-read
+        # bound above: decode is a roofline max, two lines approximate it)
+        for col in (2, 1):
+            vals = x[train, col]
+            distinct = np.unique(vals)
+            if len(distinct) < 6:
                 continue
-            err = rms(train, knee)
-            if err < best * KNEE_GAIN:
-                best, best_knee = err, knee
-    small, large = fit_pieces(train, best_knee)
-    hold_err = float((np.abs(predict(hold, best_knee, small, large) - y[hold]) / y[hold]).mean())
-    small, large = fit_pieces(np.arange(len(y)), best_knee)
-    return small, large, best_knee, hold_err
+            for q in np.linspace(0.1, 0.9, 17):
+                k = int(np.quantile(distinct, q))
+                lo = int((vals < k).sum())
+                if lo < 6 or len(train) - lo < 6:
+                    continue
+                cand = _Piecewise(x, y, train, k, split_col=col)
+                err = cand.rms(x[train], y[train])
+                if err < best * KNEE_GAIN:
+                    best, knee, knee_col, pf = err, k, col, cand
+    rel = np.abs(pf.rel(x[hold], y[hold]))
+    keep = pf.inlier(x[hold], y[hold])
+    hold_err = float(rel[keep].mean()) if keep.any() else float(rel.mean())
+    full = _Piecewise(x, y, np.arange(len(y)), knee, split_col=knee_col)
+    pred = full.predict(x)
+    out = ~full.inliers
+    ratio = float(np.median(y[out] / pred[out])) if out.any() else 1.0
+    return _PhaseFit(full, hold_err, int(out.sum()), float(rel.mean()), ratio, float(y.sum() / pred.sum()))
 
 
 # ---------------------------------------------------------------------- roofline and TP
