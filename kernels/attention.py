@@ -35,20 +35,54 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     #: [num_decodes] int64 on the device: tokens each decode attends to (its context plus itself)
     decode_seq_lens: torch.Tensor | None = None
+    #: optional [num_seqs] int64 device copies of the per-sequence numbers (the runner sends them with the
+    #: step's other inputs); built from the host lists on first use when absent
+    query_starts_dev: torch.Tensor | None = None
+    query_lens_dev: torch.Tensor | None = None
+    context_lens_dev: torch.Tensor | None = None
+    #: decode context slices of the Triton kernel; None: chosen from the batch shape (CUDA graphs fix it)
+    decode_splits: int | None = None
 
     def __post_init__(self) -> None:
-        # the decodes' block tables and key mask are the same in every layer: built once per step
-        self.decode_tables: torch.Tensor | None = None
-        self.decode_mask: torch.Tensor | None = None
+        if self.num_decodes and self.decode_seq_lens is None:
+            raise ValueError("decode_seq_lens is required when there are decodes")
+        self._decode_tables: torch.Tensor | None = None
+        self._decode_mask: torch.Tensor | None = None
+
+    def _build_decode_view(self) -> None:
+        # the torch reference's padded decode tables and key mask: the same in every layer, built once
         nd = self.num_decodes
-        if nd:
-            if self.decode_seq_lens is None:
-                raise ValueError("decode_seq_lens is required when there are decodes")
-            max_len = max(self.context_lens[:nd]) + 1
-            nb = -(-max_len // self.block_size)
-            self.decode_tables = self.block_tables[:nd, :nb]
-            keys = torch.arange(nb * self.block_size, device=self.block_tables.device)
-            self.decode_mask = (keys[None, :] < self.decode_seq_lens[:, None]).view(nd, 1, 1, -1)
+        assert self.decode_seq_lens is not None
+        max_len = max(self.context_lens[:nd]) + 1
+        nb = -(-max_len // self.block_size)
+        self._decode_tables = self.block_tables[:nd, :nb]
+        keys = torch.arange(nb * self.block_size, device=self.block_tables.device)
+        self._decode_mask = (keys[None, :] < self.decode_seq_lens[:, None]).view(nd, 1, 1, -1)
+
+    @property
+    def decode_tables(self) -> torch.Tensor | None:
+        """``[num_decodes, nb]``: the decodes' block tables cut to the longest decode (reference path)."""
+        if self._decode_tables is None and self.num_decodes:
+            self._build_decode_view()
+        return self._decode_tables
+
+    @property
+    def decode_mask(self) -> torch.Tensor | None:
+        """``[num_decodes, 1, 1, nb * block_size]``: valid keys of each decode (reference path)."""
+        if self._decode_mask is None and self.num_decodes:
+            self._build_decode_view()
+        return self._decode_mask
+
+    def device_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query start rows, query lengths and context lengths ``[num_seqs]`` (int64) on the device."""
+        if self.query_lens_dev is None or self.context_lens_dev is None or self.query_starts_dev is None:
+            starts = [0]
+            for n in self.query_lens[:-1]:
+                starts.append(starts[-1] + n)
+            host = torch.tensor([starts, self.query_lens, self.context_lens], dtype=torch.int64)
+            dev = host.to(self.block_tables.device)
+            self.query_starts_dev, self.query_lens_dev, self.context_lens_dev = dev[0], dev[1], dev[2]
+        return self.query_starts_dev, self.query_lens_dev, self.context_lens_dev
 
     @property
     def num_tokens(self) -> int:
