@@ -200,7 +200,9 @@ def make_http_server(state: AgentState, address: str, port: int) -> ThreadingHTT
 
     from phaselens.exporters.prometheus import agent_registry
 
-    registry = agent_registry(state)
+    from phaselens.agent.receiver import REASONS
+
+    registry = agent_registry(state, REASONS)  # every rejection reason exported from the start, at 0
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

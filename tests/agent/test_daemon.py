@@ -59,6 +59,7 @@ def test_tick_sample_timeline_attribute_publish_with_simulated_counters(tmp_path
         state.mark_started()
         text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
         assert 'phaselens_phase_utilization_ratio{' in text and 'phase="mixed"' in text
+        assert 'reason="rate_limited"' in text  # every rejection reason exported from the start
         health = json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())
         assert health["status"] == "ok" and health["gpus"] == [uuid]
         with pytest.raises(urllib.error.HTTPError) as err:
