@@ -160,7 +160,7 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
             writer.write(rec)
         return got
 
-    daemon.sample = sample_and_write  # type: ignore[method-assign]
+    setattr(daemon, "sample", sample_and_write)  # the recorder sees every poll, stale ones included
     daemon.config.attribute_interval_s = 1e9  # recording only; attribution happens offline
     _stop_on_signals(daemon.stop)
     if duration_s is not None:

@@ -62,7 +62,7 @@ class DcgmSampler:
         self.url, self.uuids, self.hostname, self.timeout_s = url, uuids, hostname, timeout_s
         self.http_get, self.clock = http_get, clock
         self.last_error = ""
-        self._previous: dict[str, dict[str, float]] = {}
+        self._previous: dict[str, dict[str, float | None]] = {}
         self._seen: set[str] = set()
         self._missing_logged: set[str] = set()
         self._failures = 0
@@ -87,7 +87,7 @@ class DcgmSampler:
         out = []
         for uuid, values in per_gpu.items():
             prev = self._previous.get(uuid)
-            prof = {k: v for k, v in values.items() if k in PROFILING_KEYS}
+            prof: dict[str, float | None] = {k: v for k, v in values.items() if k in PROFILING_KEYS}
             if prev is not None and prof and all(prev.get(k) == v for k, v in prof.items()):
                 # profiling fields not refreshed since the last scrape
                 values = {**values, **{k: None for k in prof}}
@@ -146,7 +146,7 @@ class DcgmBindingsSampler:
                  clock: Callable[[], int] = time.time_ns, update_interval_ms: int = 100):
         if reader is None:
             try:
-                from DcgmReader import DcgmReader  # type: ignore[import-not-found]
+                from DcgmReader import DcgmReader
             except ImportError as exc:
                 raise ImportError(f"DCGM Python bindings (DcgmReader) are not importable: {exc}") from None
             reader = DcgmReader(fieldIds=list(self.FIELD_IDS), updateFrequency=update_interval_ms * 1000)

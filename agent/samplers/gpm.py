@@ -170,7 +170,7 @@ class GpmSampler:
             expected.append(seen[-1] + period - _EARLY_NS)
         if not expected:
             return now_ns + interval_ns
-        due = min(expected)
+        due = int(min(expected))
         return due if due > now_ns else now_ns + min(interval_ns, _RETRY_NS)
 
     def close(self) -> None:

@@ -45,7 +45,8 @@ def error_code(nvml: Any, exc: Exception) -> str:
     if codes is None:
         codes = _CODES[id(nvml)] = {getattr(nvml, n): n for n in dir(nvml)
                                     if n.startswith("NVML_ERROR_") and isinstance(getattr(nvml, n), int)}
-    return codes.get(getattr(exc, "value", None), "")
+    value = getattr(exc, "value", None)
+    return codes.get(value, "") if isinstance(value, int) else ""
 
 
 def is_lost(nvml: Any, exc: Exception) -> bool:
