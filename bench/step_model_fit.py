@@ -62,17 +62,19 @@ def main(traces: tuple[str, ...], preset: str, tp: int, seeds: int, results: boo
     for phase, errs in errors.items():
         lines.append(f"{phase}: held-out mean relative error {np.mean(errs):.2%} (worst of {seeds} draws "
                      f"{max(errs):.2%})")
-        table.append(f"| {phase} | {fit.steps_used.get(phase, 0)} | {np.mean(errs):.2%} | {max(errs):.2%} |")
+        base = phase.replace("_all_steps", "")
+        label = f"{base} (all held-out steps, outliers included)" if base != phase else f"{phase} (outliers left out)"
+        table.append(f"| {label} | {fit.steps_used.get(base, 0)} | {np.mean(errs):.2%} | {max(errs):.2%} |")
     for flag in fit.flags:
         lines.append(f"flag: {flag}")
     click.echo("\n".join(lines))
     if results:
         date = _dt.date.today().isoformat()
         cmd = "python bench/step_model_fit.py " + " ".join(sys.argv[1:])
-        body = [f"\n## {date} — advisor step-model fit (issue 5), {gpu}\n",
-                f"Command: `{cmd}` (machine: {platform.node()}, {len(steps)} step records, clock "
-                f"{'/'.join(sorted(clocks))})\n", *[t + "\n" for t in table], "\n",
-                *[f"- {ln}\n" for ln in lines[1:3]]]
+        body = [f"\n## {date} — advisor step-model fit (issue 5), step records from {gpu}\n\n",
+                f"Command: `{cmd}` (fit run on {platform.node()}; {len(steps)} step records, clock "
+                f"{'/'.join(sorted(clocks))}; {seeds} holdout draws of 20%)\n\n", *[t + "\n" for t in table], "\n",
+                *[f"- {ln}\n" for ln in lines[1:3]], *[f"- {f}\n" for f in fit.flags]]
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.writelines(body)
 
