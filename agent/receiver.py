@@ -75,7 +75,8 @@ class PhaseReceiver:
             os.umask(old)
         os.chmod(self.socket_path, 0o660)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        sock.settimeout(0.2)
+        # blocking: one wake-up per burst of datagrams (drained without waiting), none while idle; stop()
+        # wakes it with an empty datagram
         self._sock = sock
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="phase-receiver", daemon=True)
@@ -83,7 +84,12 @@ class PhaseReceiver:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._sock is not None:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+                    waker.sendto(b"", str(self.socket_path))
+            except OSError as exc:  # the queue is full: the thread is awake anyway and sees the flag
+                log.debug("phase receiver: wake-up datagram not sent: %s", exc)
             self._thread.join(timeout=2.0)
         if self._sock is not None:
             self._sock.close()
@@ -96,17 +102,27 @@ class PhaseReceiver:
     def _run(self) -> None:
         assert self._sock is not None
         size = self.max_record_bytes + 1
+        sock = self._sock
         while not self._stop.is_set():
             try:
-                data = self._sock.recv(size)
-            except socket.timeout:
-                continue
+                data = sock.recv(size)
             except OSError as exc:
                 if self._stop.is_set():
                     return
                 log.warning("phase receiver: recv failed: %s", exc)
+                time.sleep(0.01)  # a persistent socket error must not spin
                 continue
-            self.handle(data)
+            while True:
+                if self._stop.is_set():
+                    return
+                self.handle(data)
+                try:
+                    data = sock.recv(size, socket.MSG_DONTWAIT)  # drain what else is queued, no wake-up
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.warning("phase receiver: recv failed: %s", exc)
+                    break
 
     # ---------------------------------------------------------------- validation
 

@@ -42,6 +42,8 @@ def receiver(tmp_path: Path):
     rx.start()
     yield rx
     rx.stop()
+    assert rx._thread is not None and not rx._thread.is_alive()  # stop() wakes the blocking receive
+    assert not rx.socket_path.exists()
 
 
 def test_socket_is_0660_and_accepts_valid_steps(receiver: PhaseReceiver) -> None:
