@@ -138,6 +138,16 @@ DCGM_FI_PROF_DRAM_ACTIVE{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.33
 DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a",Hostname="node-a"} 97
 # TYPE DCGM_FI_DEV_POWER_USAGE gauge
 DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-a",Hostname="node-a"} 601.5
+# TYPE DCGM_FI_PROF_SM_OCCUPANCY gauge
+DCGM_FI_PROF_SM_OCCUPANCY{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.14
+# TYPE DCGM_FI_PROF_PIPE_FP16_ACTIVE gauge
+DCGM_FI_PROF_PIPE_FP16_ACTIVE{gpu="0",UUID="GPU-a",Hostname="node-a"} 0.02
+# TYPE DCGM_FI_DEV_MEM_COPY_UTIL gauge
+DCGM_FI_DEV_MEM_COPY_UTIL{gpu="0",UUID="GPU-a",Hostname="node-a"} 41
+# TYPE DCGM_FI_DEV_SM_CLOCK gauge
+DCGM_FI_DEV_SM_CLOCK{gpu="0",UUID="GPU-a",Hostname="node-a"} 1755
+# TYPE DCGM_FI_DEV_FB_USED gauge
+DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-a",Hostname="node-a"} 40960
 # TYPE DCGM_FI_DEV_SOMETHING_NEW gauge
 DCGM_FI_DEV_SOMETHING_NEW{gpu="0",UUID="GPU-a",Hostname="node-a"} 5
 """
@@ -150,7 +160,8 @@ def test_dcgm_fields_both_hostname_labels_and_uuid_matching() -> None:
     assert set(got) == {"GPU-a", "GPU-b"}  # node-b's GPU filtered out; both label spellings accepted
     assert got["GPU-a"].source == "dcgm"
     expected = {"sm_active": 0.91, "tensor_active": 0.85, "dram_active": 0.33, "gpu_util": 0.97,
-                "power_w": 601.5}
+                "power_w": 601.5, "sm_occupancy": 0.14, "fp16_active": 0.02, "mem_util": 0.41,
+                "sm_clock_hz": 1755e6, "mem_used_bytes": 40960 * 1024**2}
     assert got["GPU-a"].values == pytest.approx(expected)
     only_b = DcgmSampler(url="http://x/metrics", uuids=["GPU-b"], http_get=lambda url, t: PAGE).sample()
     assert [r.gpu_uuid for r in only_b] == ["GPU-b"]
