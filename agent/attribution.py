@@ -264,9 +264,6 @@ class Attributor:
             if eff is not None:
                 pv.mfu, pv.mbu = eff.mfu, eff.mbu
             result.phases[phase] = pv
-        for phase in list(result.phases):
-            if not result.phases[phase].values:
-                del result.phases[phase]
         return result
 
     # ---------------------------------------------------------------- parts
@@ -291,7 +288,7 @@ class Attributor:
             seconds = sum(s.duration_s for s in mine)
             if seconds <= 0:
                 continue
-            pv = PhaseValues(time_share=0.0)
+            pv = PhaseValues(time_share=result.time_share.get(phase, 0.0))
             pv.mfu = sum(s.flops for s in mine) / seconds / spec.peak_bf16_flops
             pv.mbu = sum(s.bytes for s in mine) / seconds / spec.peak_dram_bytes_per_s
             result.phases[phase] = pv
@@ -455,11 +452,16 @@ def attribution_to_dict(result: GpuAttribution) -> dict:
     for phase in BUSY:
         share = result.time_share.get(phase, 0.0)
         pv = result.phases.get(phase)
-        if pv is None:
-            if share > 0:
-                phases[phase.value] = {"time_share": round(share, 4), "status": "not enough data"}
-            continue
         entry: dict = {"time_share": round(share, 4)}
+        if pv is None or not pv.values:  # no counter values; MFU/MBU (from the steps alone) may be there
+            if share > 0 or pv is not None:
+                entry["status"] = "not enough data"
+                if pv is not None and pv.mfu is not None:
+                    entry["mfu"] = round(pv.mfu, 4)
+                if pv is not None and pv.mbu is not None:
+                    entry["mbu"] = round(pv.mbu, 4)
+                phases[phase.value] = entry
+            continue
         entry.update({k: round(v, 4) for k, v in pv.values.items()})
         entry["uncertainty"] = {k: round(v, 4) for k, v in pv.uncertainty.items()}
         if pv.mfu is not None:

@@ -37,7 +37,7 @@ class PhaseReceiver:
 
     def __init__(self, socket_path: str | os.PathLike[str], state: AgentState, timeline: Timeline, *,
                  known_gpus: set[str] | None = None, max_record_bytes: int = 4096,
-                 max_rate_per_s: float = 20_000.0, max_age_s: float = 600.0, max_future_s: float = 60.0,
+                 max_rate_per_s: float = 20_000.0, max_age_s: float = 600.0, max_future_s: float = 10.0,
                  max_step_s: float = 600.0, clock: Callable[[], int] = time.time_ns,
                  on_step: Callable[[StepRecord], None] | None = None,
                  on_meta: Callable[[MetaRecord], None] | None = None):

@@ -50,7 +50,8 @@ class GpuAttribution:
     """One GPU's result of one attribution pass (the shape of `phaselens attribute --json`)."""
 
     gpu: GpuIdentity
-    #: busy phases with enough data; a phase missing here had "not enough data"
+    #: busy phases; a phase missing here, or with empty ``values`` (then only the exact MFU/MBU from its
+    #: steps), had "not enough data" for the counters
     phases: dict[Phase, PhaseValues] = field(default_factory=dict)
     #: time share of every phase including IDLE over the horizon
     time_share: dict[Phase, float] = field(default_factory=dict)

@@ -9,8 +9,9 @@ daemon loop adds samples and reads.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from typing import Iterable
+from typing import Callable, Iterable
 
 from phaselens.trace import SampleRecord, StepRecord
 
@@ -21,11 +22,13 @@ MARGIN_S = 5.0
 class Timeline:
     """Steps and samples of every GPU over the last ``horizon_s`` seconds."""
 
-    def __init__(self, horizon_s: float = 60.0, max_steps: int = 100_000, max_samples: int = 50_000):
+    def __init__(self, horizon_s: float = 60.0, max_steps: int = 100_000, max_samples: int = 50_000,
+                 clock: Callable[[], int] = time.time_ns):
         if horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
         self.horizon_ns = int((horizon_s + MARGIN_S) * 1e9)
         self.max_steps, self.max_samples = max_steps, max_samples
+        self.clock = clock
         self._lock = threading.Lock()
         self._steps: dict[str, deque[StepRecord]] = {}
         self._samples: dict[str, deque[SampleRecord]] = {}
@@ -68,7 +71,9 @@ class Timeline:
             self._newest[uuid] = t
 
     def _trim_locked(self, uuid: str) -> None:
-        cutoff = self._newest.get(uuid, 0) - self.horizon_ns
+        # the newest record, but never ahead of the clock: one record stamped in the future must not push
+        # the whole horizon out
+        cutoff = min(self._newest.get(uuid, 0), self.clock()) - self.horizon_ns
         steps = self._steps.get(uuid)
         while steps and steps[0].t1_ns < cutoff:  # the oldest arrivals; a straggler goes with the count cap
             steps.popleft()

@@ -105,3 +105,13 @@ def test_bad_config_names_the_value() -> None:
         AttributionConfig(method="magic")
     with pytest.raises(ValueError, match="-5"):
         AttributionConfig(horizon_s=-5)
+
+
+def test_not_enough_counter_data_still_reports_exact_mfu() -> None:
+    spec = gpu_spec("NVIDIA H100 80GB HBM3")
+    steps = [step(UUID, Phase.PREFILL, T0, T0 + 10**9, flops=5e14, nbytes=1e12)]
+    res = Attributor().attribute(GpuIdentity(uuid=UUID, index=0, name=spec.name), steps, [], spec=spec)
+    assert res.phases[Phase.PREFILL].values == {}
+    assert res.phases[Phase.PREFILL].mfu == pytest.approx(5e14 / spec.peak_bf16_flops)
+    doc = attribution_to_dict(res)["phases"]["prefill"]
+    assert doc["status"] == "not enough data" and doc["mfu"] == pytest.approx(0.5056, abs=1e-4)

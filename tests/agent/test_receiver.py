@@ -158,3 +158,12 @@ def test_timeline_bounded_by_horizon() -> None:
         tl.add_step(step("GPU-1", Phase.DECODE, t + i * 10_000_000, t + (i + 1) * 10_000_000, i))
     n = len(tl.steps("GPU-1"))
     assert 550 <= n <= 610
+
+
+def test_a_future_record_does_not_push_the_horizon_out() -> None:
+    now = time.time_ns()
+    tl = Timeline(horizon_s=60.0, clock=lambda: now)
+    for i in range(100):
+        tl.add_step(step("GPU-1", Phase.DECODE, now - (i + 1) * 100_000_000, now - i * 100_000_000, i))
+    tl.add_step(step("GPU-1", Phase.DECODE, now + 9 * 10**9, now + 9 * 10**9 + 1, 999))  # within max_future_s
+    assert len(tl.steps("GPU-1")) == 101
