@@ -1,4 +1,5 @@
-"""``phaselens advise``: should I split prefill and decode? Strict about its inputs; every bad value is named."""
+"""``phaselens advise``: should I split prefill and decode? Strict about its inputs; every bad value is "
+"named."""
 
 from __future__ import annotations
 
@@ -21,59 +22,153 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _duration_s(text: str) -> float:
     try:
-        return float(text[:-1]) * _DURATION_UNITS[text[-1]] if text and text[-1] in _DURATION_UNITS else float(text)
+        return (
+            float(text[:-1]) * _DURATION_UNITS[text[-1]]
+            if text and text[-1] in _DURATION_UNITS
+            else float(text)
+        )
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 2h or 3600", param_hint="--prometheus-range")
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30m, 2h or 3600", param_hint="--prometheus-range"
+        )
 
 
 @click.command("advise")
-@click.option("--trace", "trace_paths", type=click.Path(dir_okay=False), multiple=True,
-              help="Step records to fit the step-time model: a JSONL trace or the engine's --shim-jsonl files "
-                   "(repeat for several workers).")
-@click.option("--request-log", type=click.Path(dir_okay=False), default=None,
-              help="The engine's request log (phaselens serve --request-log): the workload.")
-@click.option("--workload", "workload_spec", default=None,
-              help="A workload spec instead: rate=4,prompt=lognormal:800:0.8,output=fixed:200[,burstiness=1,"
-                   "prefix_hit=0.2,multi_turn=0.3].")
+@click.option(
+    "--trace",
+    "trace_paths",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    help="Step records to fit the step-time model: a JSONL trace or the engine's --shim-jsonl files "
+    "(repeat for several workers).",
+)
+@click.option(
+    "--request-log",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The engine's request log (phaselens serve --request-log): the workload.",
+)
+@click.option(
+    "--workload",
+    "workload_spec",
+    default=None,
+    help="A workload spec instead: rate=4,prompt=lognormal:800:0.8,output=fixed:200[,burstiness=1,"
+    "prefix_hit=0.2,multi_turn=0.3].",
+)
 @click.option("--prometheus", "prom_url", default=None, help="Prometheus base URL to read the workload from.")
 @click.option("--prometheus-range", default="1h", show_default=True, help="How far back from now to query.")
-@click.option("--rate", type=float, default=None, help="Target request rate (req/s); default: the workload's own.")
-@click.option("--preset", default=None, help="Model shape preset (tiny, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b).")
-@click.option("--model-config", type=click.Path(dir_okay=False), default=None,
-              help="A Hugging Face config.json for the model shape instead of --preset.")
-@click.option("--gpu", "gpu_name", default=None,
-              help="GPU model (NVML name, e.g. 'NVIDIA H100 80GB HBM3'); default: the trace's meta record.")
+@click.option(
+    "--rate", type=float, default=None, help="Target request rate (req/s); default: the workload's own."
+)
+@click.option(
+    "--preset", default=None, help="Model shape preset (tiny, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b)."
+)
+@click.option(
+    "--model-config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A Hugging Face config.json for the model shape instead of --preset.",
+)
+@click.option(
+    "--gpu",
+    "gpu_name",
+    default=None,
+    help="GPU model (NVML name, e.g. 'NVIDIA H100 80GB HBM3'); default: the trace's meta record.",
+)
 @click.option("--gpus", type=int, required=True, help="GPUs available for the deployment.")
 @click.option("--gpus-per-node", type=int, default=8, show_default=True)
-@click.option("--tp", "tp_degrees", type=int, multiple=True, help="TP degrees to consider (repeat); default powers of 2.")
+@click.option(
+    "--tp",
+    "tp_degrees",
+    type=int,
+    multiple=True,
+    help="TP degrees to consider (repeat); default powers of 2.",
+)
 @click.option("--measured-tp", type=int, default=1, show_default=True, help="TP degree of the traced engine.")
-@click.option("--kv-link-gbps", type=float, default=400.0, show_default=True,
-              help="Network bandwidth per GPU between the pools (Gb/s).")
-@click.option("--price", "price_per_gpu_hour", type=float, default=2.0, show_default=True, help="$ per GPU-hour.")
+@click.option(
+    "--kv-link-gbps",
+    type=float,
+    default=400.0,
+    show_default=True,
+    help="Network bandwidth per GPU between the pools (Gb/s).",
+)
+@click.option(
+    "--price", "price_per_gpu_hour", type=float, default=2.0, show_default=True, help="$ per GPU-hour."
+)
 @click.option("--ttft-ms", type=float, required=True, help="TTFT target (ms).")
 @click.option("--tpot-ms", type=float, required=True, help="TPOT target (ms).")
-@click.option("--ttft-pct", type=float, default=90.0, show_default=True, help="TTFT percentile the target applies to.")
-@click.option("--tpot-pct", type=float, default=90.0, show_default=True, help="TPOT percentile the target applies to.")
-@click.option("--attainment", type=float, default=None, help="Joint SLO attainment required (0..1), optional.")
-@click.option("--ttft-overhead-ms", type=float, default=None,
-              help="Latency outside the engine's steps added to every TTFT (front-end, tokenization); default: "
-                   "estimated from the request log and the step model, else 0.")
+@click.option(
+    "--ttft-pct", type=float, default=90.0, show_default=True, help="TTFT percentile the target applies to."
+)
+@click.option(
+    "--tpot-pct", type=float, default=90.0, show_default=True, help="TPOT percentile the target applies to."
+)
+@click.option(
+    "--attainment", type=float, default=None, help="Joint SLO attainment required (0..1), optional."
+)
+@click.option(
+    "--ttft-overhead-ms",
+    type=float,
+    default=None,
+    help="Latency outside the engine's steps added to every TTFT (front-end, tokenization); default: "
+    "estimated from the request log and the step model, else 0.",
+)
 @click.option("--seeds", type=click.IntRange(1, 16), default=2, show_default=True, help="Simulation seeds.")
-@click.option("--requests", "n_requests", type=click.IntRange(100, 100000), default=1000, show_default=True,
-              help="Requests per simulation run.")
+@click.option(
+    "--requests",
+    "n_requests",
+    type=click.IntRange(100, 100000),
+    default=1000,
+    show_default=True,
+    help="Requests per simulation run.",
+)
 @click.option("--no-simulate", is_flag=True, help="Closed-form screen only (fast; less exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), default="report.html", show_default=True,
-              help="Where to write the HTML report ('' for none).")
-@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
-              help="Write the phaselens_advisor_* metrics here in the Prometheus text format.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    default="report.html",
+    show_default=True,
+    help="Where to write the HTML report ('' for none).",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the phaselens_advisor_* metrics here in the Prometheus text format.",
+)
 @click.option("--apply", is_flag=True, help="Switch the running engine to the recommended mode (not yet).")
-def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec: str | None, prom_url: str | None,
-           prometheus_range: str, rate: float | None, preset: str | None, model_config: str | None,
-           gpu_name: str | None, gpus: int, gpus_per_node: int, tp_degrees: tuple[int, ...], measured_tp: int,
-           kv_link_gbps: float, price_per_gpu_hour: float, ttft_ms: float, tpot_ms: float, ttft_pct: float,
-           tpot_pct: float, attainment: float | None, ttft_overhead_ms: float | None, seeds: int, n_requests: int, no_simulate: bool,
-           as_json: bool, html_path: str, metrics_file: str | None, apply: bool) -> None:
+def advise(
+    trace_paths: tuple[str, ...],
+    request_log: str | None,
+    workload_spec: str | None,
+    prom_url: str | None,
+    prometheus_range: str,
+    rate: float | None,
+    preset: str | None,
+    model_config: str | None,
+    gpu_name: str | None,
+    gpus: int,
+    gpus_per_node: int,
+    tp_degrees: tuple[int, ...],
+    measured_tp: int,
+    kv_link_gbps: float,
+    price_per_gpu_hour: float,
+    ttft_ms: float,
+    tpot_ms: float,
+    ttft_pct: float,
+    tpot_pct: float,
+    attainment: float | None,
+    ttft_overhead_ms: float | None,
+    seeds: int,
+    n_requests: int,
+    no_simulate: bool,
+    as_json: bool,
+    html_path: str,
+    metrics_file: str | None,
+    apply: bool,
+) -> None:
     """Should prefill and decode run on separate GPU pools? Fits the step model to your steps, screens every
     split and colocated configuration, simulates the best, and says whether splitting pays, with numbers."""
     from phaselens.advisor import report
@@ -86,8 +181,10 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
     from phaselens.trace import read_trace
 
     if apply:
-        raise click.UsageError("--apply is not available yet: switching the engine's mode comes with split-pool mode "
-                               "(issue 6); run without --apply and use the report")
+        raise click.UsageError(
+            "--apply is not available yet: switching the engine's mode comes with split-pool mode "
+            "(issue 6); run without --apply and use the report"
+        )
     if gpus < 1:
         raise click.BadParameter(f"{gpus} (need at least 1 GPU)", param_hint="--gpus")
     if gpus_per_node < 1:
@@ -104,7 +201,11 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
     if (preset is None) == (model_config is None):
         raise click.UsageError("give the model shape with exactly one of --preset or --model-config")
     try:
-        model = get_preset(preset) if preset else ModelConfig.from_hf_config(model_config)  # type: ignore[arg-type]
+        if preset:
+            model = get_preset(preset)
+        else:
+            assert model_config is not None
+            model = ModelConfig.from_hf_config(model_config)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--preset" if preset else "--model-config") from None
 
@@ -133,8 +234,15 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
 
     try:
         slo = Slo(ttft_ms / 1e3, tpot_ms / 1e3, ttft_pct, tpot_pct, attainment)
-        cluster = Cluster(gpus=gpus, gpu=gpu, model=model, gpus_per_node=gpus_per_node, kv_link_gbps=kv_link_gbps,
-                          price_per_gpu_hour=price_per_gpu_hour, tp_degrees=tuple(tp_degrees))
+        cluster = Cluster(
+            gpus=gpus,
+            gpu=gpu,
+            model=model,
+            gpus_per_node=gpus_per_node,
+            kv_link_gbps=kv_link_gbps,
+            price_per_gpu_hour=price_per_gpu_hour,
+            tp_degrees=tuple(tp_degrees),
+        )
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -143,7 +251,9 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
             step_model = StepModel.fit(trace.steps, model=model, tp=measured_tp, source=str(trace_path))
             clocks = {s.clock.value for s in trace.steps}
             if "host" in clocks:
-                step_model = _flag(step_model, "steps timed on the host clock (CPU engine): GPU timings will differ")
+                step_model = _flag(
+                    step_model, "steps timed on the host clock (CPU engine): GPU timings will differ"
+                )
         else:
             step_model = StepModel.roofline(model, gpu, cluster.candidate_tp())
     except NotEnoughStepsError as exc:
@@ -156,7 +266,8 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
             workload = Workload.from_spec(workload_spec)
         else:
             end = time.time()
-            workload = Workload.from_prometheus(prom_url, end - _duration_s(prometheus_range), end)  # type: ignore[arg-type]
+            assert prom_url is not None
+            workload = Workload.from_prometheus(prom_url, end - _duration_s(prometheus_range), end)
         if rate is not None:
             workload = workload.with_rate(rate)
     except WorkloadError as exc:
@@ -166,9 +277,15 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
     if ttft_overhead_ms is None:
         overhead = estimate_ttft_overhead(step_model, workload, measured_tp)
         if overhead > 0:
-            workload = replace(workload, notes=workload.notes + (
-                f"TTFT overhead outside the steps estimated at {overhead * 1e3:.1f} ms (25th percentile of measured "
-                "TTFT minus the step model's prefill time, from the request log)",))
+            workload = replace(
+                workload,
+                notes=workload.notes
+                + (
+                    f"TTFT overhead outside the steps estimated at {overhead * 1e3:.1f} ms (25th percentile "
+                    "of measured "
+                    "TTFT minus the step model's prefill time, from the request log)",
+                ),
+            )
     else:
         overhead = ttft_overhead_ms / 1e3
     try:
@@ -176,8 +293,15 @@ def advise(trace_paths: tuple[str, ...], request_log: str | None, workload_spec:
     except InputError as exc:
         raise click.BadParameter(str(exc), param_hint="--ttft-overhead-ms") from None
     try:
-        advice = Search(step_model, workload, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests,
-                        simulate=not no_simulate).run()
+        advice = Search(
+            step_model,
+            workload,
+            slo,
+            cluster,
+            seeds=tuple(range(seeds)),
+            n_requests=n_requests,
+            simulate=not no_simulate,
+        ).run()
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -204,8 +328,8 @@ def estimate_ttft_overhead(model: StepModel, workload: Workload, tp: int) -> flo
     if ttft is None or not np.isfinite(ttft).any() or tp not in model.by_tp:
         return 0.0
     co = model.coefficients(tp)
-    l = workload.effective_prompt(False).astype(float)
+    n = workload.effective_prompt(False).astype(float)
     c = workload.cached_tokens.astype(float)
-    pre = co.prefill.a + co.prefill.b * l + co.prefill.c * (l * l + 2 * l * c)
+    pre = co.prefill.a + co.prefill.b * n + co.prefill.c * (n * n + 2 * n * c)
     diff = (ttft - pre)[np.isfinite(ttft)]
     return float(min(max(np.quantile(diff, 0.25), 0.0), 10.0))

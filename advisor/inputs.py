@@ -35,7 +35,9 @@ class Slo:
         for name in ("ttft_s", "tpot_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise InputError(f"SLO {name.replace('_s', '')} must be a positive number of seconds, got {v!r}")
+                raise InputError(
+                    f"SLO {name.replace('_s', '')} must be a positive number of seconds, got {v!r}"
+                )
         for name in ("ttft_pct", "tpot_pct"):
             v = getattr(self, name)
             if not (0 < v <= 100):
@@ -45,13 +47,17 @@ class Slo:
         if self.tpot_s > 100 * self.ttft_s:
             # A token budget a hundred times the wait for the first token is almost surely a unit mix-up
             # (ms given as s); refuse rather than plan for it.
-            raise InputError(f"inconsistent SLOs: TPOT {self.tpot_s} s is over 100x TTFT {self.ttft_s} s; "
-                             "are the units mixed (seconds expected)?")
+            raise InputError(
+                f"inconsistent SLOs: TPOT {self.tpot_s} s is over 100x TTFT {self.ttft_s} s; "
+                "are the units mixed (seconds expected)?"
+            )
 
     def describe(self) -> str:
-        return (f"P{self.ttft_pct:g} TTFT <= {self.ttft_s * 1e3:g} ms, P{self.tpot_pct:g} TPOT <= "
-                f"{self.tpot_s * 1e3:g} ms" + (f", joint attainment >= {self.attainment:.0%}"
-                                                 if self.attainment else ""))
+        return (
+            f"P{self.ttft_pct:g} TTFT <= {self.ttft_s * 1e3:g} ms, P{self.tpot_pct:g} TPOT <= "
+            f"{self.tpot_s * 1e3:g} ms"
+            + (f", joint attainment >= {self.attainment:.0%}" if self.attainment else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,9 @@ class Cluster:
             raise InputError(f"TTFT overhead must be in [0, 60) s, got {self.ttft_overhead_s!r}")
         for tp in self.tp_degrees:
             if tp < 1 or tp > self.gpus_per_node:
-                raise InputError(f"TP degree {tp} must be between 1 and the GPUs per node ({self.gpus_per_node})")
+                raise InputError(
+                    f"TP degree {tp} must be between 1 and the GPUs per node ({self.gpus_per_node})"
+                )
 
     @property
     def link_bytes_per_s(self) -> float:

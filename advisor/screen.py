@@ -69,7 +69,8 @@ class Placement:
             return f"colocated {self.n_d}xTP{self.tp_d}{chunk}"
         if self.kind == "split":
             return f"split P {self.n_p}xTP{self.tp_p} : D {self.n_d}xTP{self.tp_d}"
-        return f"conditional >{self.threshold} tok: P {self.n_p}xTP{self.tp_p} : C {self.n_d}xTP{self.tp_d}{chunk}"
+        return (f"conditional >{self.threshold} tok: P {self.n_p}xTP{self.tp_p} : "
+                f"C {self.n_d}xTP{self.tp_d}{chunk}")
 
     def pools(self) -> dict[str, int]:
         """GPUs per pool (for the ``phaselens_advisor_recommended_gpus`` metric)."""
@@ -80,9 +81,17 @@ class Placement:
         return {"prefill": self.n_p * self.tp_p, "colocated": self.n_d * self.tp_d}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "label": self.label, "gpus": self.gpus, "prefill_instances": self.n_p,
-                "prefill_tp": self.tp_p, "decode_instances": self.n_d, "decode_tp": self.tp_d,
-                "chunk_budget": self.chunk, "threshold_tokens": self.threshold}
+        return {
+            "kind": self.kind,
+            "label": self.label,
+            "gpus": self.gpus,
+            "prefill_instances": self.n_p,
+            "prefill_tp": self.tp_p,
+            "decode_instances": self.n_d,
+            "decode_tp": self.tp_d,
+            "chunk_budget": self.chunk,
+            "threshold_tokens": self.threshold,
+        }
 
 
 @dataclass
@@ -100,8 +109,14 @@ class Candidate:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.placement.to_dict(), "goodput_rps": self.goodput, "goodput_per_gpu": self.per_gpu,
-                "ideal_per_gpu": self.ideal_per_gpu, "limit": self.limit, "details": self.details}
+        return {
+            **self.placement.to_dict(),
+            "goodput_rps": self.goodput,
+            "goodput_per_gpu": self.per_gpu,
+            "ideal_per_gpu": self.ideal_per_gpu,
+            "limit": self.limit,
+            "details": self.details,
+        }
 
 
 @dataclass
@@ -122,8 +137,16 @@ def pk_mean_wait(rate: float, s_mean: float, s2_mean: float) -> float:
 class Screen:
     """Closed-form evaluation of instance shapes and placements for one workload, SLO and cluster."""
 
-    def __init__(self, model: StepModel, workload: Workload, slo: Slo, cluster: Cluster, *,
-                 samples: int = SCREEN_SAMPLES, seed: int = 0):
+    def __init__(
+        self,
+        model: StepModel,
+        workload: Workload,
+        slo: Slo,
+        cluster: Cluster,
+        *,
+        samples: int = SCREEN_SAMPLES,
+        seed: int = 0,
+    ):
         self.model = model
         self.workload = workload
         self.slo = slo
@@ -154,7 +177,9 @@ class Screen:
     def _co(self, tp: int) -> StepCoefficients:
         return self.model.coefficients(tp)
 
-    def _wait_samples(self, rate: float, s: np.ndarray, u: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, float]:
+    def _wait_samples(
+        self, rate: float, s: np.ndarray, u: np.ndarray, e: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         """Per-request M/G/1 waits (common random numbers) and the utilisation."""
         if len(s) == 0 or rate <= 0:
             return np.zeros(len(u)), 0.0
@@ -166,11 +191,13 @@ class Screen:
 
     def prefill_service(self, tp: int, mask: np.ndarray | None = None) -> np.ndarray:
         co = self._co(tp)
-        l = self.l_split if mask is None else self.l_split[mask]
+        n = self.l_split if mask is None else self.l_split[mask]
         c = self.c_split if mask is None else self.c_split[mask]
-        return co.prefill.a + co.prefill.b * l + co.prefill.c * (l * l + 2 * l * c)
+        return co.prefill.a + co.prefill.b * n + co.prefill.c * (n * n + 2 * n * c)
 
-    def prefill_ttft(self, tp: int, rate: float, mask: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
+    def prefill_ttft(
+        self, tp: int, rate: float, mask: np.ndarray | None = None
+    ) -> tuple[float, dict[str, Any]]:
         """TTFT quantile of a prefill instance receiving ``rate`` req/s of the stream (``mask``: its share).
 
         Queued prompts are batched into one step, so a step's intercept is shared: at mean batch ``k`` (one
@@ -187,17 +214,24 @@ class Screen:
         m = slice(None) if mask is None else mask
         w, rho = self._wait_samples(lam, load, self.u[m], self.e[m])
         ttft = w + full + self.cluster.ttft_overhead_s
-        return float(np.quantile(ttft, self.q_ttft, method="higher")), {"prefill_utilization": rho, "mean_batch": k,
-                                                        "ttft_mean_s": float(ttft.mean())}
+        return float(np.quantile(ttft, self.q_ttft, method="higher")), {
+            "prefill_utilization": rho,
+            "mean_batch": k,
+            "ttft_mean_s": float(ttft.mean()),
+        }
 
     def prefill_mean_ttft(self, tp: int, rate: float) -> float:
         """Exact mean TTFT of the M/G/1 prefill queue (Pollaczek-Khinchine), for the simulator check."""
         s = self.prefill_service(tp)
-        return (pk_mean_wait(rate, float(s.mean()), float((s * s).mean())) + float(s.mean())
-                + self.cluster.ttft_overhead_s)
+        return (
+            pk_mean_wait(rate, float(s.mean()), float((s * s).mean()))
+            + float(s.mean())
+            + self.cluster.ttft_overhead_s
+        )
 
-    def decode_eval(self, tp: int, rate: float, *, local: np.ndarray | None, chunk: int | None
-                    ) -> tuple[float, float, dict[str, Any]]:
+    def decode_eval(
+        self, tp: int, rate: float, *, local: np.ndarray | None, chunk: int | None
+    ) -> tuple[float, float, dict[str, Any]]:
         """``(ttft_q, tpot_q, details)`` of an instance that decodes every request routed to it and prefills
         the ``local`` ones itself (colocated); the others' KV arrives over its link. ``local=None``: none."""
         co = self._co(tp)
@@ -324,7 +358,9 @@ class Screen:
         self._cache[key] = fit
         return fit
 
-    def decode_goodput(self, tp: int, *, local: np.ndarray | None = None, chunk: int | None = None) -> InstanceFit:
+    def decode_goodput(
+        self, tp: int, *, local: np.ndarray | None = None, chunk: int | None = None
+    ) -> InstanceFit:
         key = ("D", tp, chunk, None if local is None else local.tobytes())
         if key in self._cache:
             return self._cache[key]
@@ -332,8 +368,8 @@ class Screen:
         e_steps = max(float(self.steps.mean()), 1e-9)
         hi = 1.0 / (e_steps * max(co.decode.a, 1e-6)) * 64  # far above any batch the step model allows
         if local is not None and local.any():
-            l = self.l_colo[local]
-            hi = min(hi, 1.0 / max(float((co.prefill.b * l).mean()) * float(local.mean()), 1e-12))
+            n = self.l_colo[local]
+            hi = min(hi, 1.0 / max(float((co.prefill.b * n).mean()) * float(local.mean()), 1e-12))
 
         def ok(r: float) -> bool:
             ttft_q, tpot_q, _ = self.decode_eval(tp, r, local=local, chunk=chunk)
@@ -360,8 +396,11 @@ class Screen:
 
     def usable_tp(self) -> list[int]:
         cl = self.cluster
-        return [tp for tp in cl.candidate_tp() if tp in self.model.by_tp
-                and fits_in_memory(cl.model, cl.gpu, tp, cl.dtype_bytes)]
+        return [
+            tp
+            for tp in cl.candidate_tp()
+            if tp in self.model.by_tp and fits_in_memory(cl.model, cl.gpu, tp, cl.dtype_bytes)
+        ]
 
     def colocated(self) -> list[Candidate]:
         out = []
@@ -374,8 +413,9 @@ class Screen:
                 fit = self.decode_goodput(tp, local=everyone, chunk=chunk)
                 n = g_total // tp
                 pl = Placement("colocated", n_d=n, tp_d=tp, chunk=chunk)
-                out.append(Candidate(pl, n * fit.goodput, fit.goodput / tp, fit.goodput / tp, fit.limit,
-                                     fit.details))
+                out.append(
+                    Candidate(pl, n * fit.goodput, fit.goodput / tp, fit.goodput / tp, fit.limit, fit.details)
+                )
         return sorted(out, key=lambda c: -c.per_gpu)
 
     def split(self) -> list[Candidate]:
@@ -403,15 +443,26 @@ class Screen:
                 for tp_c in self.usable_tp():
                     for chunk in (2048, 0):
                         fc = self.decode_goodput(tp_c, local=~long_mask, chunk=chunk)
-                        cand = self._best_pair("conditional", tp_p, fp, tp_c, fc, chunk=chunk, threshold=theta)
+                        cand = self._best_pair(
+                            "conditional", tp_p, fp, tp_c, fc, chunk=chunk, threshold=theta
+                        )
                         if cand is not None and (best is None or cand.per_gpu > best.per_gpu):
                             best = cand
             if best is not None:
                 out.append(best)
         return sorted(out, key=lambda c: -c.per_gpu)
 
-    def _best_pair(self, kind: str, tp_p: int, fp: InstanceFit, tp_d: int, fd: InstanceFit, *,
-                   chunk: int | None = None, threshold: int | None = None) -> Candidate | None:
+    def _best_pair(
+        self,
+        kind: str,
+        tp_p: int,
+        fp: InstanceFit,
+        tp_d: int,
+        fd: InstanceFit,
+        *,
+        chunk: int | None = None,
+        threshold: int | None = None,
+    ) -> Candidate | None:
         gp, gd = fp.goodput, fd.goodput
         g_total = self.cluster.gpus
         if gp <= 0 or gd <= 0 or tp_p + tp_d > g_total:
@@ -434,8 +485,12 @@ class Screen:
         per, good, n_pp, n_dd = best
         limit = fp.limit if n_pp * gp <= n_dd * gd else fd.limit
         pl = Placement(kind, n_p=n_pp, tp_p=tp_p, n_d=n_dd, tp_d=tp_d, chunk=chunk, threshold=threshold)
-        details = {"prefill_instance_goodput": gp, "decode_instance_goodput": gd,
-                   "prefill": fp.details, "decode": fd.details}
+        details = {
+            "prefill_instance_goodput": gp,
+            "decode_instance_goodput": gd,
+            "prefill": fp.details,
+            "decode": fd.details,
+        }
         return Candidate(pl, good, per, ideal, limit, details)
 
     def gpus_needed(self, rate: float, cand: Candidate) -> int | None:

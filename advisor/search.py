@@ -59,11 +59,18 @@ class Finalist:
         return self.goodput / max(self.placement.gpus, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.placement.to_dict(), "screen_goodput_rps": self.candidate.goodput,
-                "screen_goodput_per_gpu": self.candidate.per_gpu, "screen_limit": self.candidate.limit,
-                "sim_goodput_rps": self.goodput, "sim_goodput_per_gpu": self.per_gpu,
-                "sim_goodput_by_seed": self.goodputs, "simulated_slice": self.slice.label, "slice_scale": self.scale,
-                "sim_at_goodput": None if self.result is None else self.result.summary()}
+        return {
+            **self.placement.to_dict(),
+            "screen_goodput_rps": self.candidate.goodput,
+            "screen_goodput_per_gpu": self.candidate.per_gpu,
+            "screen_limit": self.candidate.limit,
+            "sim_goodput_rps": self.goodput,
+            "sim_goodput_per_gpu": self.per_gpu,
+            "sim_goodput_by_seed": self.goodputs,
+            "simulated_slice": self.slice.label,
+            "slice_scale": self.scale,
+            "sim_at_goodput": None if self.result is None else self.result.summary(),
+        }
 
 
 @dataclass
@@ -77,8 +84,13 @@ class Reason:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "triggered": self.triggered, "value": self.value, "threshold": self.threshold,
-                "text": self.text}
+        return {
+            "code": self.code,
+            "triggered": self.triggered,
+            "value": self.value,
+            "threshold": self.threshold,
+            "text": self.text,
+        }
 
 
 @dataclass
@@ -126,9 +138,18 @@ def _slice(pl: Placement) -> tuple[Placement, float]:
 class Search:
     """Runs the screen, simulates finalists, applies the decision rule."""
 
-    def __init__(self, model: StepModel, workload: Workload, slo: Slo, cluster: Cluster, *,
-                 seeds: tuple[int, ...] = (0, 1), n_requests: int = 1000, finalists: int = 2,
-                 simulate: bool = True):
+    def __init__(
+        self,
+        model: StepModel,
+        workload: Workload,
+        slo: Slo,
+        cluster: Cluster,
+        *,
+        seeds: tuple[int, ...] = (0, 1),
+        n_requests: int = 1000,
+        finalists: int = 2,
+        simulate: bool = True,
+    ):
         self.model = model.with_tp_degrees(cluster.candidate_tp(), cluster.model, cluster.dtype_bytes)
         self.workload = workload
         self.slo = slo
@@ -146,8 +167,9 @@ class Search:
         base = cand.goodput / scale if cand.goodput > 0 else 1.0
 
         def run(rate: float) -> SimResult:
-            return Simulator(self.model, self.workload, self.slo, self.cluster, sl, n_requests=self.n_requests,
-                             seed=seed).run(rate)
+            return Simulator(
+                self.model, self.workload, self.slo, self.cluster, sl, n_requests=self.n_requests, seed=seed
+            ).run(rate)
 
         lo, hi = 0.0, base * 1.5
         best: SimResult | None = None
@@ -197,8 +219,10 @@ class Search:
         split = sc.split()
         cond = sc.conditional()
         if not colo and not split:
-            raise InputError(f"no placement of {self.cluster.model.name} fits {self.cluster.gpus} x "
-                             f"{self.cluster.gpu.name} (weights plus KV for one request)")
+            raise InputError(
+                f"no placement of {self.cluster.model.name} fits {self.cluster.gpus} x "
+                f"{self.cluster.gpu.name} (weights plus KV for one request)"
+            )
         self._check_feasible(sc, colo + split)
 
         def pick(cands: list[Candidate]) -> Finalist | None:
@@ -226,14 +250,20 @@ class Search:
         co = self.model.coefficients(tp)
         step = co.decode_time(1, float(np.median(sc.prompt)))
         if fastest > self.slo.ttft_s:
-            raise InputError(f"inconsistent SLOs for this workload: TTFT target {self.slo.ttft_s * 1e3:g} ms is below "
-                             f"the P{self.slo.ttft_pct:g} prefill time at TP{tp} with no queueing "
-                             f"({fastest * 1e3:.0f} ms)")
+            raise InputError(
+                f"inconsistent SLOs for this workload: TTFT target {self.slo.ttft_s * 1e3:g} ms is below "
+                f"the P{self.slo.ttft_pct:g} prefill time at TP{tp} with no queueing "
+                f"({fastest * 1e3:.0f} ms)"
+            )
         if step > self.slo.tpot_s:
-            raise InputError(f"inconsistent SLOs for this workload: TPOT target {self.slo.tpot_s * 1e3:g} ms is below "
-                             f"one decode step at TP{tp} ({step * 1e3:.1f} ms)")
-        raise InputError("no configuration meets the SLOs at any rate on this cluster "
-                         f"({self.slo.describe()}); relax the targets or add GPUs")
+            raise InputError(
+                f"inconsistent SLOs for this workload: TPOT target {self.slo.tpot_s * 1e3:g} ms is below "
+                f"one decode step at TP{tp} ({step * 1e3:.1f} ms)"
+            )
+        raise InputError(
+            "no configuration meets the SLOs at any rate on this cluster "
+            f"({self.slo.describe()}); relax the targets or add GPUs"
+        )
 
     # ------------------------------------------------------------------ decision
 
@@ -245,8 +275,14 @@ class Search:
             return -1.0
         return other[0].per_gpu / colo[0].per_gpu - 1.0
 
-    def decide(self, sc: Screen, colo: Finalist | None, split: Finalist | None, cond: Finalist | None,
-               candidates: list[Candidate]) -> Advice:
+    def decide(
+        self,
+        sc: Screen,
+        colo: Finalist | None,
+        split: Finalist | None,
+        cond: Finalist | None,
+        candidates: list[Candidate],
+    ) -> Advice:
         err = self.model.error
         margin = max(MIN_MARGIN, 2.0 * err)
         colo_pg = colo.per_gpu if colo else 0.0
@@ -287,10 +323,14 @@ class Search:
             verdict, best_gain = "conditional", cond_gain
         else:
             verdict, best_gain = "colocated", max(split_gain, cond_gain)
-        rule = (f"recommend split (or conditional) only if its simulated goodput per GPU beats the best colocated "
-                f"one by more than max({MIN_MARGIN:.0%}, 2 x model error {err:.1%}) = {margin:.1%}, and it still "
-                f"does with prompt lengths x{1 - PERTURBATION:g}/x{1 + PERTURBATION:g} (closed form) and needs no "
-                f"more GPUs than colocated at rate x{1 - PERTURBATION:g}/x{1 + PERTURBATION:g}")
+        rule = (
+            "recommend split (or conditional) only if its simulated goodput per GPU beats the best "
+            "colocated "
+            f"one by more than max({MIN_MARGIN:.0%}, 2 x model error {err:.1%}) = {margin:.1%}, and it still "
+            f"does with prompt lengths x{1 - PERTURBATION:g}/x{1 + PERTURBATION:g} (closed form) and needs "
+            "no "
+            f"more GPUs than colocated at rate x{1 - PERTURBATION:g}/x{1 + PERTURBATION:g}"
+        )
         reasons = self.reasons(sc, colo, split, cond, split_gain, margin)
         saving = None
         chosen = {"split": split, "conditional": cond}.get(verdict)
@@ -299,10 +339,29 @@ class Search:
             saving = gpus_saved * self.cluster.price_per_gpu_hour * 24 * 365
         notes = list(self.model.flags) + list(self.workload.notes)
         if needed.get("colocated") and needed["colocated"] > self.cluster.gpus:
-            notes.append(f"at the workload's rate {rate:.3g} req/s colocated needs {needed['colocated']} GPUs, more "
-                         f"than the {self.cluster.gpus} given")
-        return Advice(verdict, rule, margin, best_gain, colo, split, cond, reasons, robustness, needed,
-                      candidates, self.model, self.workload, self.slo, self.cluster, saving, notes)
+            notes.append(
+                f"at the workload's rate {rate:.3g} req/s colocated needs {needed['colocated']} GPUs, more "
+                f"than the {self.cluster.gpus} given"
+            )
+        return Advice(
+            verdict,
+            rule,
+            margin,
+            best_gain,
+            colo,
+            split,
+            cond,
+            reasons,
+            robustness,
+            needed,
+            candidates,
+            self.model,
+            self.workload,
+            self.slo,
+            self.cluster,
+            saving,
+            notes,
+        )
 
     def _gpus_needed(self, sc: Screen, fin: Finalist | None, rate: float) -> int | None:
         if fin is None:
@@ -323,8 +382,15 @@ class Search:
         n_p = 0 if not math.isfinite(gp) else math.ceil(rate / gp - 1e-9)
         return n_p * pl.tp_p + math.ceil(rate / gd - 1e-9) * pl.tp_d
 
-    def reasons(self, sc: Screen, colo: Finalist | None, split: Finalist | None, cond: Finalist | None,
-                split_gain: float, margin: float) -> list[Reason]:
+    def reasons(
+        self,
+        sc: Screen,
+        colo: Finalist | None,
+        split: Finalist | None,
+        cond: Finalist | None,
+        split_gain: float,
+        margin: float,
+    ) -> list[Reason]:
         """Why splitting does (not) pay, each with its number."""
         out: list[Reason] = []
         wl, cl, slo = self.workload, self.cluster, self.slo
@@ -337,34 +403,65 @@ class Search:
         stall = float(np.mean(co.prefill.b * l_eff + co.prefill.c * l_eff * l_eff))
         ratio = stall / slo.tpot_s
         share = float(colo.candidate.details.get("prefill_work_share", 0.0)) if colo is not None else 0.0
-        out.append(Reason(
-            "short_prompts", ratio < 0.5 and not pays, ratio, 0.5,
-            f"a mean effective prompt ({l_eff.mean():.0f} tokens) adds {stall * 1e3:.1f} ms of prefill to the decode "
-            f"step it joins at TP{tp}, {ratio:.0%} of the {slo.tpot_s * 1e3:g} ms TPOT target; prefill is {share:.0%} "
-            "of a colocated GPU's time at its goodput"))
+        out.append(
+            Reason(
+                "short_prompts",
+                ratio < 0.5 and not pays,
+                ratio,
+                0.5,
+                f"a mean effective prompt ({l_eff.mean():.0f} tokens) adds {stall * 1e3:.1f} ms of prefill "
+                "to the decode "
+                f"step it joins at TP{tp}, {ratio:.0%} of the {slo.tpot_s * 1e3:g} ms TPOT target; prefill "
+                f"is {share:.0%} "
+                "of a colocated GPU's time at its goodput",
+            )
+        )
         # 2. prefix reuse on the decode side
         l_colo = float(wl.effective_prompt(False).mean())
         l_split = float(wl.effective_prompt(True).mean())
         extra = l_split / max(l_colo, 1.0) - 1.0
-        out.append(Reason(
-            "prefix_reuse_decode_side", extra > 0.3, extra, 0.3,
-            f"{wl.prefix_hit_rate:.0%} of prompt tokens hit the prefix cache, {wl.history_share:.0%} of those are "
-            f"earlier turns of the same session, held where they were decoded: a prefill pool recomputes them, "
-            f"{l_split:.0f} vs {l_colo:.0f} prompt tokens per request ({extra:+.0%})"))
+        out.append(
+            Reason(
+                "prefix_reuse_decode_side",
+                extra > 0.3,
+                extra,
+                0.3,
+                f"{wl.prefix_hit_rate:.0%} of prompt tokens hit the prefix cache, {wl.history_share:.0%} of "
+                "those are "
+                "earlier turns of the same session, held where they were decoded: a prefill pool "
+                "recomputes them, "
+                f"{l_split:.0f} vs {l_colo:.0f} prompt tokens per request ({extra:+.0%})",
+            )
+        )
         # 3. too few GPUs to split well (integer rounding)
         min_split = 2 * min(sc.usable_tp() or [1])
         if cl.gpus < min_split:
-            out.append(Reason("too_few_gpus", True, float(cl.gpus), float(min_split),
-                              f"{cl.gpus} GPU(s): a split needs at least {min_split} (one prefill and one decode "
-                              "instance)"))
+            out.append(
+                Reason(
+                    "too_few_gpus",
+                    True,
+                    float(cl.gpus),
+                    float(min_split),
+                    f"{cl.gpus} GPU(s): a split needs at least {min_split} (one prefill and one decode "
+                    "instance)",
+                )
+            )
         elif split is not None:
             c = split.candidate
             loss = 1.0 - c.per_gpu / c.ideal_per_gpu if c.ideal_per_gpu > 0 else 0.0
-            out.append(Reason(
-                "too_few_gpus", loss > 0.1, loss, 0.1,
-                f"with {cl.gpus} GPUs the best {c.placement.label} reaches {c.per_gpu:.3g} req/s per GPU in "
-                f"closed form against {c.ideal_per_gpu:.3g} with ideal fractional pools: {loss:.0%} lost to "
-                "integer rounding"))
+            out.append(
+                Reason(
+                    "too_few_gpus",
+                    loss > 0.1,
+                    loss,
+                    0.1,
+                    f"with {cl.gpus} GPUs the best {c.placement.label} reaches {c.per_gpu:.3g} req/s per "
+                    "GPU in "
+                    f"closed form against {c.ideal_per_gpu:.3g} with ideal fractional pools: {loss:.0%} "
+                    "lost to "
+                    "integer rounding",
+                )
+            )
         # 4. slow KV link: what the split would serve with a free link, and the link's load at the colocated
         #    goodput per GPU (every request's KV crosses a link once)
         kv_mb = float(sc.kv_bytes.mean()) / 1e6
@@ -375,21 +472,39 @@ class Search:
             lost = 1.0 - (now[0].per_gpu if now else 0.0) / fast[0].per_gpu
             per_gpu_rate = colo.per_gpu if colo is not None else fast[0].per_gpu
             load = per_gpu_rate * float(sc.kv_bytes.mean()) / cl.link_bytes_per_s
-            out.append(Reason(
-                "slow_kv_link", lost > 0.1, lost, 0.1,
-                f"KV of a mean prompt is {kv_mb:.1f} MB: {per_xfer * 1e3:.1f} ms over a {cl.kv_link_gbps:g} Gb/s "
-                f"link per GPU; at {per_gpu_rate:.3g} req/s per GPU that is {load:.0%} link load; the link costs "
-                f"the split {lost:.0%} of its goodput against a free one"))
+            out.append(
+                Reason(
+                    "slow_kv_link",
+                    lost > 0.1,
+                    lost,
+                    0.1,
+                    f"KV of a mean prompt is {kv_mb:.1f} MB: {per_xfer * 1e3:.1f} ms over a "
+                    f"{cl.kv_link_gbps:g} Gb/s "
+                    f"link per GPU; at {per_gpu_rate:.3g} req/s per GPU that is {load:.0%} link load; the "
+                    "link costs "
+                    f"the split {lost:.0%} of its goodput against a free one",
+                )
+            )
         # 5. SLO shape: which target binds colocated
         if colo is not None and colo.result is not None:
             res = colo.result
             ttft_r = res.ttft_q / slo.ttft_s
             tpot_r = res.tpot_q / slo.tpot_s
             ttft_bound = ttft_r > tpot_r
-            out.append(Reason(
-                "slo_shape", ttft_bound and not pays, tpot_r, 1.0,
-                f"at its goodput colocated runs at P{slo.ttft_pct:g} TTFT {res.ttft_q * 1e3:.0f} ms "
-                f"({ttft_r:.0%} of target) and P{slo.tpot_pct:g} TPOT {res.tpot_q * 1e3:.1f} ms ({tpot_r:.0%}): "
-                + ("TTFT binds, and a split's gain is on TPOT (no prefill stalls in decode steps)" if ttft_bound
-                   else "TPOT binds: prefill stalls in decode steps are what a split removes")))
+            out.append(
+                Reason(
+                    "slo_shape",
+                    ttft_bound and not pays,
+                    tpot_r,
+                    1.0,
+                    f"at its goodput colocated runs at P{slo.ttft_pct:g} TTFT {res.ttft_q * 1e3:.0f} ms "
+                    f"({ttft_r:.0%} of target) and P{slo.tpot_pct:g} TPOT {res.tpot_q * 1e3:.1f} ms "
+                    f"({tpot_r:.0%}): "
+                    + (
+                        "TTFT binds, and a split's gain is on TPOT (no prefill stalls in decode steps)"
+                        if ttft_bound
+                        else "TPOT binds: prefill stalls in decode steps are what a split removes"
+                    ),
+                )
+            )
         return out

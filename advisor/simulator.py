@@ -96,18 +96,32 @@ class SimResult:
         return float(self.step_s[order][np.searchsorted(w, q * w[-1])])
 
     def summary(self) -> dict[str, Any]:
-        return {"rate_rps": self.rate, "finished": self.finished, "total": self.total,
-                "ttft_q_s": self.ttft_q, "tpot_q_s": self.tpot_q, "joint_attainment": self.joint_attainment,
-                "ttft_mean_s": float(np.nanmean(self.ttft[np.isfinite(self.ttft)])) if self.finished else None,
-                "itl_p50_s": self.itl_quantile(0.5), "itl_p99_s": self.itl_quantile(0.99),
-                "meets_slo": self.meets_slo, "busy": self.busy}
+        return {
+            "rate_rps": self.rate,
+            "finished": self.finished,
+            "total": self.total,
+            "ttft_q_s": self.ttft_q,
+            "tpot_q_s": self.tpot_q,
+            "joint_attainment": self.joint_attainment,
+            "ttft_mean_s": float(np.nanmean(self.ttft[np.isfinite(self.ttft)])) if self.finished else None,
+            "itl_p50_s": self.itl_quantile(0.5),
+            "itl_p99_s": self.itl_quantile(0.99),
+            "meets_slo": self.meets_slo,
+            "busy": self.busy,
+        }
 
 
 class _Reqs:
     """Struct-of-arrays request state."""
 
-    def __init__(self, arrival: np.ndarray, prompt: np.ndarray, out: np.ndarray, cached: np.ndarray,
-                 kv_bytes_per_token: float):
+    def __init__(
+        self,
+        arrival: np.ndarray,
+        prompt: np.ndarray,
+        out: np.ndarray,
+        cached: np.ndarray,
+        kv_bytes_per_token: float,
+    ):
         n = len(arrival)
         self.arrival = arrival.tolist()
         self.prompt = prompt.tolist()
@@ -223,13 +237,13 @@ class _PrefillWorker(_Worker):
         quad = 0.0
         while self.queue and len(batch) < self.max_batch:
             j = self.queue[0]
-            l = r.prompt[j] - r.cached[j]
-            if batch and tokens + l > self.max_tokens:
+            n = r.prompt[j] - r.cached[j]
+            if batch and tokens + n > self.max_tokens:
                 break
             self.queue.popleft()
             batch.append(j)
-            tokens += l
-            quad += l * l + 2.0 * l * r.cached[j]
+            tokens += n
+            quad += n * n + 2.0 * n * r.cached[j]
         dt = self.co.prefill_time(tokens, quad)
         self.busy = True
         self.busy_s += dt
@@ -253,8 +267,9 @@ class _PrefillWorker(_Worker):
 class _ColocatedWorker(_DecodeSide):
     """Decodes first, then prefill chunks within the step budget (chunk 0: prefill-only steps)."""
 
-    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, capacity: int, link_bps: float,
-                 chunk: int):
+    def __init__(
+        self, sim: "Simulator", co: StepCoefficients, name: str, capacity: int, link_bps: float, chunk: int
+    ):
         super().__init__(sim, co, name, capacity, link_bps)
         self.chunk = chunk
         self.pq: deque[list[int]] = deque()  # [request, tokens done]
@@ -277,8 +292,9 @@ class _ColocatedWorker(_DecodeSide):
         if self.chunk == 0:
             # no chunking: an admissible waiting prompt runs alone, whole (prefill priority); decodes wait
             head = self.pq[0] if self.pq else None
-            admissible = head is not None and (head[1] > 0 or not self.n
-                                               or r.prompt[head[0]] + r.out[head[0]] <= kv_room)
+            admissible = head is not None and (
+                head[1] > 0 or not self.n or r.prompt[head[0]] + r.out[head[0]] <= kv_room
+            )
             budget = PREFILL_MAX_TOKENS if admissible else 0
             decodes = 0 if admissible else self.n
         else:
@@ -350,9 +366,19 @@ class _ColocatedWorker(_DecodeSide):
 class Simulator:
     """Simulates one placement of a workload; ``run(rate)`` returns per-request latencies."""
 
-    def __init__(self, model: StepModel, workload: Workload, slo: Slo, cluster: Cluster, placement: Placement, *,
-                 n_requests: int = DEFAULT_REQUESTS, seed: int = 0, prefill_max_tokens: int = PREFILL_MAX_TOKENS,
-                 prefill_max_batch: int = 1 << 30):
+    def __init__(
+        self,
+        model: StepModel,
+        workload: Workload,
+        slo: Slo,
+        cluster: Cluster,
+        placement: Placement,
+        *,
+        n_requests: int = DEFAULT_REQUESTS,
+        seed: int = 0,
+        prefill_max_tokens: int = PREFILL_MAX_TOKENS,
+        prefill_max_batch: int = 1 << 30,
+    ):
         self.model = model
         self.workload = workload
         self.slo = slo
@@ -378,20 +404,29 @@ class Simulator:
 
     def _build(self) -> tuple[list[Any], list[Any]]:
         pl, cl = self.placement, self.cluster
-        cap = {tp: kv_capacity_tokens(cl.model, cl.gpu, tp, cl.dtype_bytes, cl.memory_utilization)
-               for tp in {pl.tp_p, pl.tp_d} if tp}
+        cap = {
+            tp: kv_capacity_tokens(cl.model, cl.gpu, tp, cl.dtype_bytes, cl.memory_utilization)
+            for tp in {pl.tp_p, pl.tp_d}
+            if tp
+        }
         prefill: list[Any] = []
         if pl.kind in ("split", "conditional"):
             co = self.model.coefficients(pl.tp_p)
-            prefill = [_PrefillWorker(self, co, f"p{i}", self.prefill_max_tokens, self.prefill_max_batch)
-                       for i in range(pl.n_p)]
+            prefill = [
+                _PrefillWorker(self, co, f"p{i}", self.prefill_max_tokens, self.prefill_max_batch)
+                for i in range(pl.n_p)
+            ]
         co_d = self.model.coefficients(pl.tp_d)
         link = cl.link_bytes_per_s * pl.tp_d
         if pl.kind == "split":
-            decoders: list[Any] = [_DecodeSide(self, co_d, f"d{i}", cap[pl.tp_d], link) for i in range(pl.n_d)]
+            decoders: list[Any] = [
+                _DecodeSide(self, co_d, f"d{i}", cap[pl.tp_d], link) for i in range(pl.n_d)
+            ]
         else:
-            decoders = [_ColocatedWorker(self, co_d, f"c{i}", cap[pl.tp_d], link, pl.chunk or 0)
-                        for i in range(pl.n_d)]
+            decoders = [
+                _ColocatedWorker(self, co_d, f"c{i}", cap[pl.tp_d], link, pl.chunk or 0)
+                for i in range(pl.n_d)
+            ]
         return prefill, decoders
 
     def run(self, rate: float) -> SimResult:
@@ -412,7 +447,9 @@ class Simulator:
         elif self.placement.kind == "conditional":
             remote = (prompt - cached_split) > (self.placement.threshold or 0)
         cached = np.where(remote, cached_split, cached_colo) if split_side else cached_colo
-        self.reqs = _Reqs(arrival, prompt, out, cached, self.cluster.model.kv_bytes_per_token(self.cluster.dtype_bytes))
+        self.reqs = _Reqs(
+            arrival, prompt, out, cached, self.cluster.model.kv_bytes_per_token(self.cluster.dtype_bytes)
+        )
         self._events: list[tuple[float, int, Any, Any]] = []
         self._seq = 0
         self._steps_s: list[float] = []
@@ -420,7 +457,9 @@ class Simulator:
         self.done = 0
         self.prefill, self.decoders = self._build()
         # Past this, an overloaded run has shown what it needs to: unfinished requests count as misses.
-        horizon = float(arrival[-1]) + 10.0 + 3 * (self.slo.ttft_s + self.slo.tpot_s * float(np.quantile(out, 0.9)))
+        horizon = (
+            float(arrival[-1]) + 10.0 + 3 * (self.slo.ttft_s + self.slo.tpot_s * float(np.quantile(out, 0.9)))
+        )
         arr = arrival.tolist()
         rem = remote.tolist()
         i = 0
@@ -449,5 +488,14 @@ class Simulator:
         tpot = np.where((out > 1) & np.isnan(finish), math.inf, tpot)
         elapsed = max(now, 1e-9)
         busy = {w.name: w.busy_s / elapsed for w in (*self.prefill, *self.decoders)}
-        return SimResult(rate, ttft, tpot, np.asarray(self._steps_s), np.asarray(self._steps_b, dtype=float),
-                         int(np.isfinite(finish).sum()), n, self.slo, busy)
+        return SimResult(
+            rate,
+            ttft,
+            tpot,
+            np.asarray(self._steps_s),
+            np.asarray(self._steps_b, dtype=float),
+            int(np.isfinite(finish).sum()),
+            n,
+            self.slo,
+            busy,
+        )

@@ -158,8 +158,9 @@ class StepModel:
         vals = [v for k, v in self.holdout_error.items() if k in ("prefill", "decode")]
         return max(vals) if vals else 0.0
 
-    def with_tp_degrees(self, degrees: Iterable[int], model: ModelConfig | None,
-                        dtype_bytes: int = 2) -> "StepModel":
+    def with_tp_degrees(
+        self, degrees: Iterable[int], model: ModelConfig | None, dtype_bytes: int = 2
+    ) -> "StepModel":
         """A copy that also holds the TP degrees in ``degrees``, extrapolated from the measured TP."""
         base = self.by_tp.get(self.measured_tp) or self.by_tp[min(self.by_tp)]
         by_tp = dict(self.by_tp)
@@ -171,21 +172,30 @@ class StepModel:
             new.append(tp)
         flags = self.flags
         if new:
-            flags = flags + (f"TP{','.join(map(str, new))} extrapolated from TP{base.tp} by roofline scaling "
-                             "(compute and KV reads split across GPUs, plus all-reduce time)",)
+            flags = flags + (
+                f"TP{','.join(map(str, new))} extrapolated from TP{base.tp} by roofline scaling "
+                "(compute and KV reads split across GPUs, plus all-reduce time)",
+            )
         return replace(self, by_tp=by_tp, flags=flags)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"holdout_mean_relative_error": dict(self.holdout_error),
-                               "steps_used": dict(self.steps_used), "measured_tp": self.measured_tp,
-                               "flags": list(self.flags), "tp": {}}
+        out: dict[str, Any] = {
+            "holdout_mean_relative_error": dict(self.holdout_error),
+            "steps_used": dict(self.steps_used),
+            "measured_tp": self.measured_tp,
+            "flags": list(self.flags),
+            "tp": {},
+        }
         for tp, co in sorted(self.by_tp.items()):
             out["tp"][str(tp)] = {
                 "source": co.source,
                 "prefill_s": [co.prefill.a, co.prefill.b, co.prefill.c],
                 "decode_s": [co.decode.a, co.decode.b, co.decode.c],
-                "decode_large_s": None if co.decode_large is None else
-                [co.decode_large.a, co.decode_large.b, co.decode_large.c],
+                "decode_large_s": (
+                    None
+                    if co.decode_large is None
+                    else [co.decode_large.a, co.decode_large.b, co.decode_large.c]
+                ),
                 "knee": co.knee,
                 "mixed_s": None if co.mixed is None else list(co.mixed),
             }
@@ -194,8 +204,14 @@ class StepModel:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_table(cls, table: dict[int, dict[str, Any]], *, unit_s: float = 1.0,
-                   source: str = "published", flags: Sequence[str] = ()) -> "StepModel":
+    def from_table(
+        cls,
+        table: dict[int, dict[str, Any]],
+        *,
+        unit_s: float = 1.0,
+        source: str = "published",
+        flags: Sequence[str] = (),
+    ) -> "StepModel":
         """From a coefficient table ``{tp: {"prefill": [a,b,c], "decode": [a,b,c],
         "decode_large": [a,b,c] | None, "knee": int | None}}``; ``unit_s`` converts (1e-3 for ms)."""
         by_tp = {}
@@ -212,21 +228,31 @@ class StepModel:
         return cls(by_tp=by_tp, measured_tp=min(by_tp), flags=tuple(flags))
 
     @classmethod
-    def roofline(cls, model: ModelConfig, gpu: GpuSpec, tp_degrees: Sequence[int] = (1,),
-                 dtype_bytes: int = 2) -> "StepModel":
+    def roofline(
+        cls, model: ModelConfig, gpu: GpuSpec, tp_degrees: Sequence[int] = (1,), dtype_bytes: int = 2
+    ) -> "StepModel":
         """A model from the shape and the GPU's datasheet peaks only: no measurement, flagged as such."""
         base = roofline_coefficients(model, gpu, dtype_bytes)
         by_tp = {1: base}
         for tp in tp_degrees:
             if tp != 1:
                 by_tp[tp] = replace(extrapolate_tp(base, tp, model, dtype_bytes), source="roofline")
-        flag = (f"roofline model from {model.name} shape and {gpu.name} datasheet peaks "
-                f"(MFU {ROOFLINE_MFU:.0%}, MBU {ROOFLINE_MBU:.0%} assumed): not measured")
+        flag = (
+            f"roofline model from {model.name} shape and {gpu.name} datasheet peaks "
+            f"(MFU {ROOFLINE_MFU:.0%}, MBU {ROOFLINE_MBU:.0%} assumed): not measured"
+        )
         return cls(by_tp=by_tp, measured_tp=1, flags=(flag,))
 
     @classmethod
-    def fit(cls, steps: Sequence[StepRecord], *, model: ModelConfig | None = None, tp: int = 1,
-            seed: int = 0, source: str = "trace") -> "StepModel":
+    def fit(
+        cls,
+        steps: Sequence[StepRecord],
+        *,
+        model: ModelConfig | None = None,
+        tp: int = 1,
+        seed: int = 0,
+        source: str = "trace",
+    ) -> "StepModel":
         """Fit prefill, decode and (when present) mixed coefficients from step records.
 
         Raises :class:`NotEnoughStepsError` ("not enough steps to fit: N, need M") when a phase has too few.
@@ -234,13 +260,17 @@ class StepModel:
         data = _StepData.from_records(steps, model)
         flags: list[str] = []
         if data.approximated_quad:
-            flags.append(f"{data.approximated_quad} multi-sequence prefill steps: sum(l^2 + 2lp) taken from "
-                         "the step's attention FLOPs or, without a model config, from equal-length sequences")
+            flags.append(
+                f"{data.approximated_quad} multi-sequence prefill steps: sum(l^2 + 2lp) taken from "
+                "the step's attention FLOPs or, without a model config, from equal-length sequences"
+            )
         for phase_name, n in (("prefill", len(data.prefill_y)), ("decode", len(data.decode_y))):
             if n < MIN_STEPS_PER_PHASE:
                 raise NotEnoughStepsError(
-                    f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE} ({phase_name} steps in {source}; "
-                    f"{len(steps)} step records in all)")
+                    f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE} ({phase_name} steps in "
+                    f"{source}; "
+                    f"{len(steps)} step records in all)"
+                )
         rng = np.random.default_rng(seed)
         errors: dict[str, float] = {}
 
@@ -251,24 +281,37 @@ class StepModel:
         if len(data.mixed_y) >= MIN_STEPS_PER_PHASE:
             mix = _fit_phase(data.mixed_x, data.mixed_y, rng)
             fits["mixed"] = mix
-            mixed = tuple(float(v) for v in mix.fit.small)
+            a, bp, cp, bd, cd = (float(v) for v in mix.fit.small)
+            mixed = (a, bp, cp, bd, cd)
         elif len(data.mixed_y):
-            flags.append(f"only {len(data.mixed_y)} mixed steps: mixed steps modelled as prefill + decode terms")
+            flags.append(
+                f"only {len(data.mixed_y)} mixed steps: mixed steps modelled as prefill + decode terms"
+            )
         for name, f in fits.items():
             errors[name] = f.holdout_error
             errors[name + "_all_steps"] = f.holdout_error_all
             if f.outliers:
                 n = len(f.fit.inliers)
                 flags.append(
-                    f"{name}: {f.outliers} of {n} steps ({f.outliers / n:.0%}) are outliers (modified z-score over "
-                    f"{OUTLIER_SDS:g} and over {OUTLIER_MIN_REL:.0%} off the model; median {f.outlier_ratio:.2f}x "
-                    f"the model: warm-up, first run of a shape, host stalls inside the interval); left out of the "
-                    f"fit; all {name} steps together took {f.time_ratio_all:.2f}x the model's time")
+                    f"{name}: {f.outliers} of {n} steps ({f.outliers / n:.0%}) are outliers (modified "
+                    "z-score over "
+                    f"{OUTLIER_SDS:g} and over {OUTLIER_MIN_REL:.0%} off the model; median "
+                    f"{f.outlier_ratio:.2f}x "
+                    "the model: warm-up, first run of a shape, host stalls inside the interval); left out "
+                    "of the "
+                    f"fit; all {name} steps together took {f.time_ratio_all:.2f}x the model's time"
+                )
         d_large = dec.fit.large if dec.fit.knee is not None else None
         co = StepCoefficients(
-            tp=tp, prefill=Line3(*map(float, pre.fit.small)), decode=Line3(*map(float, dec.fit.small)),
-            decode_large=None if d_large is None else Line3(*map(float, d_large)), knee=dec.fit.knee,
-            knee_on="batch" if dec.fit.col == 2 else "context", mixed=mixed, source="fit")  # type: ignore[arg-type]
+            tp=tp,
+            prefill=Line3(*map(float, pre.fit.small)),
+            decode=Line3(*map(float, dec.fit.small)),
+            decode_large=None if d_large is None else Line3(*map(float, d_large)),
+            knee=dec.fit.knee,
+            knee_on="batch" if dec.fit.col == 2 else "context",
+            mixed=mixed,
+            source="fit",
+        )
         used = {"prefill": len(data.prefill_y), "decode": len(data.decode_y), "mixed": len(data.mixed_y)}
         return cls(by_tp={tp: co}, holdout_error=errors, steps_used=used, measured_tp=tp, flags=tuple(flags))
 
@@ -307,8 +350,15 @@ class _StepData:
                 # The decode share of the context is not in the record; each decode attends to at least
                 # itself, and the prefill chunks' context is at least their own tokens.
                 quad = float(s.prefill_tokens) ** 2 / n_pre
-                mx.append((1.0, s.prefill_tokens, quad, max(0, s.context_tokens - s.prefill_tokens),
-                           s.decode_tokens))
+                mx.append(
+                    (
+                        1.0,
+                        s.prefill_tokens,
+                        quad,
+                        max(0, s.context_tokens - s.prefill_tokens),
+                        s.decode_tokens,
+                    )
+                )
                 my.append(t)
 
         def arr(rows: list, width: int) -> np.ndarray:
@@ -425,7 +475,9 @@ class _PhaseFit:
     time_ratio_all: float
 
 
-def _fit_phase(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, knee_search: bool = False) -> _PhaseFit:
+def _fit_phase(
+    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, knee_search: bool = False
+) -> _PhaseFit:
     """Fit on 80% (robustly), score the held-out 20% (its own outliers excluded and counted), refit on all."""
     train, hold = _split(len(y), rng)
     knee: int | None = None
@@ -488,8 +540,9 @@ def roofline_coefficients(model: ModelConfig, gpu: GpuSpec, dtype_bytes: int = 2
     )
 
 
-def extrapolate_tp(base: StepCoefficients, tp: int, model: ModelConfig | None,
-                   dtype_bytes: int = 2) -> StepCoefficients:
+def extrapolate_tp(
+    base: StepCoefficients, tp: int, model: ModelConfig | None, dtype_bytes: int = 2
+) -> StepCoefficients:
     """Coefficients at TP ``tp`` from TP ``base.tp``: the work splits across GPUs, plus all-reduces.
 
     Megatron-style TP does two all-reduces of ``tokens * hidden`` activations per layer; a ring all-reduce
@@ -516,13 +569,19 @@ def extrapolate_tp(base: StepCoefficients, tp: int, model: ModelConfig | None,
         a, bp, cp, bd, cd = base.mixed
         mixed = (a * (0.5 + 0.5 * f) + lat, bp * f + comm_per_token, cp * f, bd * f, cd * f + comm_per_token)
     return StepCoefficients(
-        tp=tp, prefill=prefill, decode=dec(base.decode),
-        decode_large=None if base.decode_large is None else dec(base.decode_large), knee=base.knee,
-        mixed=mixed, source=f"extrapolated from TP{base.tp} {base.source}")
+        tp=tp,
+        prefill=prefill,
+        decode=dec(base.decode),
+        decode_large=None if base.decode_large is None else dec(base.decode_large),
+        knee=base.knee,
+        mixed=mixed,
+        source=f"extrapolated from TP{base.tp} {base.source}",
+    )
 
 
-def kv_capacity_tokens(model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2,
-                       memory_utilization: float = 0.9) -> int:
+def kv_capacity_tokens(
+    model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2, memory_utilization: float = 0.9
+) -> int:
     """KV-cache tokens an instance of ``tp`` GPUs holds once its weights are loaded."""
     free = gpu.memory_bytes * tp * memory_utilization - _weight_bytes(model, dtype_bytes)
     return max(0, int(free // model.kv_bytes_per_token(dtype_bytes)))
@@ -546,6 +605,16 @@ def mean_relative_error(model: StepCoefficients, steps: Sequence[StepRecord]) ->
     return out
 
 
-__all__ = ["StepModel", "StepCoefficients", "Line3", "NotEnoughStepsError", "quad_term", "kv_capacity_tokens",
-           "fits_in_memory", "roofline_coefficients", "extrapolate_tp", "mean_relative_error",
-           "MIN_STEPS_PER_PHASE"]
+__all__ = [
+    "StepModel",
+    "StepCoefficients",
+    "Line3",
+    "NotEnoughStepsError",
+    "quad_term",
+    "kv_capacity_tokens",
+    "fits_in_memory",
+    "roofline_coefficients",
+    "extrapolate_tp",
+    "mean_relative_error",
+    "MIN_STEPS_PER_PHASE",
+]

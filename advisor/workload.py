@@ -63,7 +63,9 @@ class Workload:
             raise WorkloadError("workload has no requests")
         for name in ("output_tokens", "static_cached", "history_cached"):
             if len(getattr(self, name)) != n:
-                raise WorkloadError(f"workload column {name} has {len(getattr(self, name))} rows, expected {n}")
+                raise WorkloadError(
+                    f"workload column {name} has {len(getattr(self, name))} rows, expected {n}"
+                )
         if not (self.rate > 0 and math.isfinite(self.rate)):
             raise WorkloadError(f"workload rate must be > 0 requests/s, got {self.rate}")
         if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
@@ -101,10 +103,18 @@ class Workload:
     def summary(self) -> dict[str, Any]:
         p, o = self.prompt_tokens, self.output_tokens
         return {
-            "source": self.source, "rate_rps": self.rate, "burstiness": self.burstiness, "requests": self.n,
-            "prompt_mean": float(p.mean()), "prompt_p50": float(np.median(p)), "prompt_p90": float(np.quantile(p, .9)),
-            "output_mean": float(o.mean()), "output_p50": float(np.median(o)), "output_p90": float(np.quantile(o, .9)),
-            "prefix_hit_rate": self.prefix_hit_rate, "history_share_of_cached": self.history_share,
+            "source": self.source,
+            "rate_rps": self.rate,
+            "burstiness": self.burstiness,
+            "requests": self.n,
+            "prompt_mean": float(p.mean()),
+            "prompt_p50": float(np.median(p)),
+            "prompt_p90": float(np.quantile(p, 0.9)),
+            "output_mean": float(o.mean()),
+            "output_p50": float(np.median(o)),
+            "output_p90": float(np.quantile(o, 0.9)),
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "history_share_of_cached": self.history_share,
             "effective_prompt_colocated": float(self.effective_prompt(False).mean()),
             "effective_prompt_split": float(self.effective_prompt(True).mean()),
             "notes": list(self.notes),
@@ -117,19 +127,30 @@ class Workload:
 
     def scaled_prompts(self, factor: float) -> "Workload":
         """Prompt lengths (and their cached parts) times ``factor``: the +-25% robustness check."""
+
         def sc(a: np.ndarray) -> np.ndarray:
             return np.maximum(np.round(a * factor), 0).astype(np.int64)
+
         prompt = np.maximum(sc(self.prompt_tokens), 1)
         static = np.minimum(sc(self.static_cached), prompt - 1)
         history = np.minimum(sc(self.history_cached), prompt - 1 - static)
-        return replace(self, prompt_tokens=prompt, static_cached=static, history_cached=history,
-                       notes=self.notes + (f"prompt lengths scaled x{factor:g}",))
+        return replace(
+            self,
+            prompt_tokens=prompt,
+            static_cached=static,
+            history_cached=history,
+            notes=self.notes + (f"prompt lengths scaled x{factor:g}",),
+        )
 
     def resample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         """``n`` requests drawn with replacement: (prompt, output, static_cached, history_cached)."""
         idx = rng.integers(0, self.n, size=n)
-        return (self.prompt_tokens[idx], self.output_tokens[idx], self.static_cached[idx],
-                self.history_cached[idx])
+        return (
+            self.prompt_tokens[idx],
+            self.output_tokens[idx],
+            self.static_cached[idx],
+            self.history_cached[idx],
+        )
 
     def arrival_times(self, n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
         """``n`` arrival times (s) at ``rate``: gamma inter-arrivals with shape ``burstiness``."""
@@ -140,8 +161,18 @@ class Workload:
     # ---------------------------------------------------------------- sources
 
     @classmethod
-    def from_arrays(cls, rate: float, prompt: Any, output: Any, *, cached: Any = None, history: Any = None,
-                    burstiness: float = 1.0, source: str = "arrays", notes: tuple[str, ...] = ()) -> "Workload":
+    def from_arrays(
+        cls,
+        rate: float,
+        prompt: Any,
+        output: Any,
+        *,
+        cached: Any = None,
+        history: Any = None,
+        burstiness: float = 1.0,
+        source: str = "arrays",
+        notes: tuple[str, ...] = (),
+    ) -> "Workload":
         p = np.asarray(prompt, dtype=np.int64)
         o = np.asarray(output, dtype=np.int64)
         if len(p) == 0:
@@ -152,12 +183,20 @@ class Workload:
         hist = np.zeros_like(p) if history is None else np.asarray(history, dtype=np.int64)
         static = np.clip(static, 0, p - 1)
         hist = np.clip(hist, 0, p - 1 - static)
-        return cls(rate=float(rate), prompt_tokens=p, output_tokens=o, static_cached=static, history_cached=hist,
-                   burstiness=float(burstiness), source=source, notes=notes)
+        return cls(
+            rate=float(rate),
+            prompt_tokens=p,
+            output_tokens=o,
+            static_cached=static,
+            history_cached=hist,
+            burstiness=float(burstiness),
+            source=source,
+            notes=notes,
+        )
 
     @classmethod
     def from_request_log(cls, path: str | Path, *, rate: float | None = None) -> "Workload":
-        """From ``phaselens serve --request-log``: finished (``ok``) requests, their arrival rate and burstiness.
+        """From ``phaselens serve --request-log``: finished (``ok``) requests, their rate and burstiness.
 
         Cached tokens of a request that continues a session (same ``session_id`` seen earlier) count as
         session history; other cached tokens as shared-prefix hits.
@@ -183,22 +222,34 @@ class Workload:
             try:
                 first = r.get("first_token_ns")
                 ttft = (int(first) - int(r["arrival_ns"])) / 1e9 if first is not None else math.nan
-                usable.append((int(r["arrival_ns"]), int(r["prompt_tokens"]), int(r.get("cached_tokens") or 0),
-                               int(r["output_tokens"]), r.get("session_id"), ttft))
+                usable.append(
+                    (
+                        int(r["arrival_ns"]),
+                        int(r["prompt_tokens"]),
+                        int(r.get("cached_tokens") or 0),
+                        int(r["output_tokens"]),
+                        r.get("session_id"),
+                        ttft,
+                    )
+                )
             except (KeyError, TypeError, ValueError):
                 continue
         usable = [u for u in usable if u[1] >= 1 and u[3] >= 1]
         if len(usable) < 2:
-            raise WorkloadError(f"request log {str(path)!r} has {len(usable)} finished requests with token counts; "
-                                "need at least 2 to estimate a rate")
+            raise WorkloadError(
+                f"request log {str(path)!r} has {len(usable)} finished requests with token counts; "
+                "need at least 2 to estimate a rate"
+            )
         usable.sort(key=lambda u: u[0])
         arrivals = np.array([u[0] for u in usable], dtype=float) / 1e9
         span = arrivals[-1] - arrivals[0]
         notes: list[str] = []
         if rate is None:
             if span <= 0:
-                raise WorkloadError(f"request log {str(path)!r}: all requests arrived at the same instant; "
-                                    "give the rate explicitly")
+                raise WorkloadError(
+                    f"request log {str(path)!r}: all requests arrived at the same instant; "
+                    "give the rate explicitly"
+                )
             rate = (len(usable) - 1) / span
         gaps = np.diff(arrivals)
         burst = 1.0
@@ -218,13 +269,22 @@ class Workload:
                 history.append(0)
             if session is not None:
                 seen.add(session)
-        wl = cls.from_arrays(rate, [u[1] for u in usable], [u[3] for u in usable], cached=static,
-                             history=history, burstiness=burst, source=f"request log {path.name}",
-                             notes=tuple(notes))
+        wl = cls.from_arrays(
+            rate,
+            [u[1] for u in usable],
+            [u[3] for u in usable],
+            cached=static,
+            history=history,
+            burstiness=burst,
+            source=f"request log {path.name}",
+            notes=tuple(notes),
+        )
         return replace(wl, measured_ttft_s=np.array([u[5] for u in usable], dtype=float))
 
     @classmethod
-    def from_spec(cls, spec: str | dict[str, Any], *, seed: int = 0, samples: int = SPEC_SAMPLES) -> "Workload":
+    def from_spec(
+        cls, spec: str | dict[str, Any], *, seed: int = 0, samples: int = SPEC_SAMPLES
+    ) -> "Workload":
         """From ``key=value`` pairs (or a dict): ``rate``, ``prompt``, ``output`` (``fixed:N``,
         ``lognormal:MEAN:SIGMA``, ``uniform:LO:HI``), ``burstiness``, ``prefix_hit`` (share of prompt tokens
         served from a shared prefix), ``multi_turn`` (share of requests continuing a session), ``history``
@@ -234,7 +294,9 @@ class Workload:
         known = {"rate", "prompt", "output", "burstiness", "prefix_hit", "multi_turn", "history", "max_len"}
         unknown = set(items) - known
         if unknown:
-            raise WorkloadError(f"unknown workload spec key {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
+            raise WorkloadError(
+                f"unknown workload spec key {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}"
+            )
         for key in ("rate", "prompt", "output"):
             if key not in items:
                 raise WorkloadError(f"workload spec needs {key!r}")
@@ -250,13 +312,23 @@ class Workload:
         history = np.where(is_multi, np.floor(prompt * hist_share), 0).astype(np.int64)
         static = np.floor((prompt - history) * hit).astype(np.int64)
         text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
-        return cls.from_arrays(rate, prompt, output, cached=static, history=history, burstiness=burst,
-                               source=f"spec {text}")
+        return cls.from_arrays(
+            rate, prompt, output, cached=static, history=history, burstiness=burst, source=f"spec {text}"
+        )
 
     @classmethod
-    def from_prometheus(cls, url: str, start: float, end: float, *, step_s: float = 15.0, window: str = "5m",
-                        get: Callable[[str, dict[str, Any]], Any] | None = None, seed: int = 0,
-                        samples: int = SPEC_SAMPLES) -> "Workload":
+    def from_prometheus(
+        cls,
+        url: str,
+        start: float,
+        end: float,
+        *,
+        step_s: float = 15.0,
+        window: str = "5m",
+        get: Callable[[str, dict[str, Any]], Any] | None = None,
+        seed: int = 0,
+        samples: int = SPEC_SAMPLES,
+    ) -> "Workload":
         """From a Prometheus ``query_range`` over ``[start, end]`` (unix seconds).
 
         Request rate from the engine's TTFT histogram count, mean prompt and output tokens per request from
@@ -284,15 +356,19 @@ class Workload:
                 raise WorkloadError(f"Prometheus at {url!r} did not answer {query!r}: {exc}") from None
             means[key] = _mean_of_range(body, query, url)
         if means["rate"] <= 0:
-            raise WorkloadError(f"Prometheus at {url!r}: no requests in the range (rate 0 from {queries['rate']!r})")
+            raise WorkloadError(
+                f"Prometheus at {url!r}: no requests in the range (rate 0 from {queries['rate']!r})"
+            )
         prompt_mean = max(1.0, means["prefill"] / means["rate"])
         output_mean = max(1.0, means["decode"] / means["rate"])
         rng = np.random.default_rng(seed)
         prompt = _lognormal(prompt_mean, ASSUMED_SIGMA, samples, rng, 131072)
         output = _lognormal(output_mean, ASSUMED_SIGMA, samples, rng, 131072)
-        note = (f"from Prometheus: rate {means['rate']:.3g} req/s, mean prompt {prompt_mean:.0f} and output "
-                f"{output_mean:.0f} tokens measured; lognormal spread (sigma {ASSUMED_SIGMA}), Poisson arrivals "
-                "and no prefix reuse assumed")
+        note = (
+            f"from Prometheus: rate {means['rate']:.3g} req/s, mean prompt {prompt_mean:.0f} and output "
+            f"{output_mean:.0f} tokens measured; lognormal spread (sigma {ASSUMED_SIGMA}), Poisson arrivals "
+            "and no prefix reuse assumed"
+        )
         return cls.from_arrays(means["rate"], prompt, output, source=f"prometheus {url}", notes=(note,))
 
 
@@ -311,7 +387,9 @@ def _mean_of_range(body: Any, query: str, url: str) -> float:
     if not isinstance(body, dict) or body.get("status") != "success":
         raise WorkloadError(f"Prometheus at {url!r} rejected {query!r}: {body!r:.200}")
     result = body.get("data", {}).get("result", [])
-    values = [float(v[1]) for series in result for v in series.get("values", []) if v[1] not in ("NaN", "+Inf")]
+    values = [
+        float(v[1]) for series in result for v in series.get("values", []) if v[1] not in ("NaN", "+Inf")
+    ]
     if not values:
         raise WorkloadError(f"Prometheus at {url!r} has no data for {query!r} in the range")
     return float(np.mean(values))
@@ -332,8 +410,15 @@ def _parse_spec(spec: str | dict[str, Any]) -> dict[str, str]:
     return items
 
 
-def _number(items: dict[str, str], key: str, *, default: float | None = None, lo: float | None = None,
-            hi: float | None = None, lo_open: bool = False) -> float:
+def _number(
+    items: dict[str, str],
+    key: str,
+    *,
+    default: float | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float:
     if key not in items:
         assert default is not None
         return default
@@ -341,8 +426,11 @@ def _number(items: dict[str, str], key: str, *, default: float | None = None, lo
         value = float(items[key])
     except ValueError:
         raise WorkloadError(f"workload spec {key}={items[key]!r} is not a number") from None
-    if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or \
-            (hi is not None and value > hi):
+    if (
+        not math.isfinite(value)
+        or (lo is not None and (value <= lo if lo_open else value < lo))
+        or (hi is not None and value > hi)
+    ):
         rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
         raise WorkloadError(f"workload spec {key}={items[key]!r} must be {rng}")
     return value
@@ -368,5 +456,7 @@ def _lengths(text: str, n: int, rng: np.random.Generator, what: str, max_len: in
         return rng.integers(int(args[0]), int(args[1]) + 1, size=n).astype(np.int64)
     if kind.isdigit() and not args:
         return np.full(n, int(kind), dtype=np.int64)
-    raise WorkloadError(f"workload spec {what}={text!r}: expected fixed:N, lognormal:MEAN:SIGMA or uniform:LO:HI "
-                        "with lengths >= 1")
+    raise WorkloadError(
+        f"workload spec {what}={text!r}: expected fixed:N, lognormal:MEAN:SIGMA or uniform:LO:HI "
+        "with lengths >= 1"
+    )

@@ -66,9 +66,11 @@ def main(gpus: int, repeats: int, workload: str, results: bool) -> None:
     rec = advice.recommended
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
-        f"full search, {gpus} x {gpu.name}, llama-3.1-8b, TP {list(cluster.candidate_tp())}, step model {model_src}",
+        f"full search, {gpus} x {gpu.name}, llama-3.1-8b, TP {list(cluster.candidate_tp())}, step model "
+        f"{model_src}",
         f"workload {workload}; SLO {slo.describe()}",
-        f"search wall time: median {statistics.median(times):.2f} s, min {min(times):.2f} s, max {max(times):.2f} s "
+        f"search wall time: median {statistics.median(times):.2f} s, min {min(times):.2f} s, max "
+        f"{max(times):.2f} s "
         f"over {repeats} runs ({cores} CPU cores); fit and inputs {t_fit:.2f} s",
         f"{cands} screened placements (best per shape), verdict {advice.verdict}"
         + (f" with {rec.placement.label}" if rec else ""),
@@ -78,11 +80,15 @@ def main(gpus: int, repeats: int, workload: str, results: bool) -> None:
         cmd = "python bench/advisor_speed.py " + " ".join(sys.argv[1:])
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write(f"\n## {_dt.date.today().isoformat()} — advisor search speed (issue 5), CPU\n\n")
-            fh.write(f"Command: `{cmd}` (machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-                     f"{cores} cores, shared)\n\n")
+            fh.write(
+                f"Command: `{cmd}` (machine: {platform.node()}, "
+                f"{platform.processor() or platform.machine()}, {cores} cores, shared)\n\n"
+            )
             fh.writelines(f"- {ln}\n" for ln in lines)
-            fh.write(f"- target: under 10 s for 1,000 GPUs on 2 cores: "
-                     f"{'met' if gpus >= 1000 and max(times) < 10 else 'see figures'}\n")
+            fh.write(
+                f"- target: under 10 s for 1,000 GPUs on 2 cores: "
+                f"{'met' if gpus >= 1000 and max(times) < 10 else 'see figures'}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,16 @@ TRUE = {
 }
 
 
-def synth_steps(n_prefill: int = 60, n_decode: int = 120, *, seed: int = 0, noise: float = 0.02,
-                coeffs: dict = TRUE, knee: bool = True, n_mixed: int = 0) -> list[StepRecord]:
+def synth_steps(
+    n_prefill: int = 60,
+    n_decode: int = 120,
+    *,
+    seed: int = 0,
+    noise: float = 0.02,
+    coeffs: dict = TRUE,
+    knee: bool = True,
+    n_mixed: int = 0,
+) -> list[StepRecord]:
     rng = np.random.default_rng(seed)
     pa, pb, pc = coeffs["prefill"]
     steps: list[StepRecord] = []
@@ -37,14 +45,30 @@ def synth_steps(n_prefill: int = 60, n_decode: int = 120, *, seed: int = 0, nois
     def add(phase: Phase, dur: float, prefill_tokens: int, decode_tokens: int, batch: int, ctx: int) -> None:
         nonlocal t
         d = int(dur * (1 + noise * rng.standard_normal()) * 1e9)
-        steps.append(StepRecord("GPU-test-0", "e0", Role.COLOCATED, phase, len(steps), t, t + max(d, 1), Clock.GPU,
-                                prefill_tokens, decode_tokens, batch, ctx, 0.0, 0.0))
+        steps.append(
+            StepRecord(
+                "GPU-test-0",
+                "e0",
+                Role.COLOCATED,
+                phase,
+                len(steps),
+                t,
+                t + max(d, 1),
+                Clock.GPU,
+                prefill_tokens,
+                decode_tokens,
+                batch,
+                ctx,
+                0.0,
+                0.0,
+            )
+        )
         t += max(d, 1) + 1000
 
     for _ in range(n_prefill):
-        l = int(rng.integers(16, 4096))
+        n = int(rng.integers(16, 4096))
         p = int(rng.integers(0, 1024)) if rng.random() < 0.3 else 0
-        add(Phase.PREFILL, pa + pb * l + pc * (l * l + 2 * l * p), l, 0, 1, l + p)
+        add(Phase.PREFILL, pa + pb * n + pc * (n * n + 2 * n * p), n, 0, 1, n + p)
     for _ in range(n_decode):
         b = int(rng.integers(1, 160 if knee else 60))
         ctx = int(b * rng.integers(200, 3000))
@@ -52,11 +76,11 @@ def synth_steps(n_prefill: int = 60, n_decode: int = 120, *, seed: int = 0, nois
         da, db, dc = coeffs[key]
         add(Phase.DECODE, da + db * ctx + dc * b, 0, b, b, ctx)
     for _ in range(n_mixed):
-        l = int(rng.integers(64, 1024))
+        n = int(rng.integers(64, 1024))
         b = int(rng.integers(1, 32))
         ctx = int(b * rng.integers(200, 2000))
         da, db, dc = coeffs["decode"]
-        add(Phase.MIXED, max(pa, da) + pb * l + pc * l * l + db * ctx + dc * b, l, b, b + 1, ctx + l)
+        add(Phase.MIXED, max(pa, da) + pb * n + pc * n * n + db * ctx + dc * b, n, b, b + 1, ctx + n)
     return steps
 
 
@@ -68,16 +92,35 @@ def write_trace(path: Path, steps: Sequence[StepRecord], gpu_name: str = H100) -
     return path
 
 
-def write_request_log(path: Path, prompt: Sequence[int], output: Sequence[int], *, rate: float, seed: int = 0,
-                      cached: Sequence[int] | None = None, sessions: Sequence[str | None] | None = None) -> Path:
+def write_request_log(
+    path: Path,
+    prompt: Sequence[int],
+    output: Sequence[int],
+    *,
+    rate: float,
+    seed: int = 0,
+    cached: Sequence[int] | None = None,
+    sessions: Sequence[str | None] | None = None,
+) -> Path:
     rng = np.random.default_rng(seed)
     t = 1_700_000_000_000_000_000
     with path.open("w") as f:
         for i, (p, o) in enumerate(zip(prompt, output)):
             t += int(rng.exponential(1.0 / rate) * 1e9)
-            rec = {"type": "request", "request_id": f"cmpl-{i}", "arrival_ns": t, "first_token_ns": t + 1000,
-                   "finish_ns": t + 2000, "prompt_tokens": int(p), "cached_tokens": int(cached[i]) if cached else 0,
-                   "output_tokens": int(o), "worker": "w0", "role": "colocated", "status": "ok",
-                   "finish_reason": "length", "session_id": sessions[i] if sessions else None}
+            rec = {
+                "type": "request",
+                "request_id": f"cmpl-{i}",
+                "arrival_ns": t,
+                "first_token_ns": t + 1000,
+                "finish_ns": t + 2000,
+                "prompt_tokens": int(p),
+                "cached_tokens": int(cached[i]) if cached else 0,
+                "output_tokens": int(o),
+                "worker": "w0",
+                "role": "colocated",
+                "status": "ok",
+                "finish_reason": "length",
+                "session_id": sessions[i] if sessions else None,
+            }
             f.write(json.dumps(rec) + "\n")
     return path

@@ -17,8 +17,9 @@ from .synth import synth_steps, write_request_log, write_trace
 def inputs(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", synth_steps(n_mixed=20))
     rng = np.random.default_rng(0)
-    log = write_request_log(tmp_path / "requests.jsonl", rng.integers(200, 3000, 300), rng.integers(20, 300, 300),
-                            rate=8.0)
+    log = write_request_log(
+        tmp_path / "requests.jsonl", rng.integers(200, 3000, 300), rng.integers(20, 300, 300), rate=8.0
+    )
     return tmp_path, trace, log
 
 
@@ -26,16 +27,41 @@ def run(*args: str):
     return CliRunner().invoke(cli, ["advise", *args], catch_exceptions=False)
 
 
-BASE = ("--preset", "llama-3.1-8b", "--gpus", "8", "--ttft-ms", "1000", "--tpot-ms", "40", "--tp", "1",
-        "--tp", "2", "--seeds", "1", "--requests", "300")
+BASE = (
+    "--preset",
+    "llama-3.1-8b",
+    "--gpus",
+    "8",
+    "--ttft-ms",
+    "1000",
+    "--tpot-ms",
+    "40",
+    "--tp",
+    "1",
+    "--tp",
+    "2",
+    "--seeds",
+    "1",
+    "--requests",
+    "300",
+)
 
 
 def test_report_terminal_html_json_and_metrics(inputs):
     tmp, trace, log = inputs
     html = tmp / "report.html"
     metrics = tmp / "advisor.prom"
-    res = run("--trace", str(trace), "--request-log", str(log), *BASE, "--html", str(html),
-              "--metrics-file", str(metrics))
+    res = run(
+        "--trace",
+        str(trace),
+        "--request-log",
+        str(log),
+        *BASE,
+        "--html",
+        str(html),
+        "--metrics-file",
+        str(metrics),
+    )
     assert res.exit_code == 0, res.output
     out = res.output
     assert "verdict:" in out and "held-out mean relative error" in out and "rule:" in out
@@ -44,7 +70,7 @@ def test_report_terminal_html_json_and_metrics(inputs):
     # self-contained: inline SVG, nothing fetched
     assert "<script" not in page and "src=" not in page and "href=" not in page
     text = metrics.read_text()
-    assert "phaselens_advisor_goodput_gain_ratio{model_name=\"llama-3.1-8b\"}" in text
+    assert 'phaselens_advisor_goodput_gain_ratio{model_name="llama-3.1-8b"}' in text
     assert "phaselens_advisor_recommended_gpus{" in text
 
     res = run("--trace", str(trace), "--request-log", str(log), *BASE, "--html", "", "--json")
@@ -52,7 +78,11 @@ def test_report_terminal_html_json_and_metrics(inputs):
     doc = json.loads(res.output)
     assert doc["verdict"] in ("split", "colocated", "conditional")
     assert doc["inputs"]["step_model"]["holdout_mean_relative_error"]["prefill"] < 0.05
-    assert {r["code"] for r in doc["reasons"]} >= {"short_prompts", "prefix_reuse_decode_side", "slow_kv_link"}
+    assert {r["code"] for r in doc["reasons"]} >= {
+        "short_prompts",
+        "prefix_reuse_decode_side",
+        "slow_kv_link",
+    }
 
 
 def test_roofline_without_trace_is_flagged(inputs):
@@ -89,16 +119,42 @@ def test_bad_values_are_named(inputs):
     assert "inconsistent SLOs" in bad(*common, "--gpus", "4", "--ttft-ms", "1", "--tpot-ms", "1000")
     assert "must be a positive number" in bad(*common, "--gpus", "4", "--ttft-ms", "-5", "--tpot-ms", "40")
     assert "percentile" in bad(*common, "--gpus", "4", *slo, "--ttft-pct", "150")
-    assert "unknown preset 'llama-9'" in bad("--trace", str(trace), "--request-log", str(log), "--preset", "llama-9",
-                                             "--gpus", "4", *slo)
-    assert "exactly one workload source" in bad("--trace", str(trace), "--preset", "tiny", "--gpus", "4", *slo)
-    assert "rate='abc' is not a number" in bad("--trace", str(trace), "--workload", "rate=abc,prompt=fixed:5,output=fixed:5",
-                             "--preset", "tiny", "--gpus", "4", *slo)
+    assert "unknown preset 'llama-9'" in bad(
+        "--trace", str(trace), "--request-log", str(log), "--preset", "llama-9", "--gpus", "4", *slo
+    )
+    assert "exactly one workload source" in bad(
+        "--trace", str(trace), "--preset", "tiny", "--gpus", "4", *slo
+    )
+    assert "rate='abc' is not a number" in bad(
+        "--trace",
+        str(trace),
+        "--workload",
+        "rate=abc,prompt=fixed:5,output=fixed:5",
+        "--preset",
+        "tiny",
+        "--gpus",
+        "4",
+        *slo,
+    )
     assert "not available yet" in bad(*common, "--gpus", "4", *slo, "--apply")
 
 
 def test_slo_no_configuration_can_meet_is_inconsistent(inputs):
     tmp, trace, log = inputs
-    out = bad("--trace", str(trace), "--request-log", str(log), "--preset", "llama-3.1-8b", "--gpus", "4",
-              "--ttft-ms", "5", "--tpot-ms", "2", "--tp", "1")
+    out = bad(
+        "--trace",
+        str(trace),
+        "--request-log",
+        str(log),
+        "--preset",
+        "llama-3.1-8b",
+        "--gpus",
+        "4",
+        "--ttft-ms",
+        "5",
+        "--tpot-ms",
+        "2",
+        "--tp",
+        "1",
+    )
     assert "inconsistent SLOs for this workload" in out

@@ -1,5 +1,6 @@
-"""End to end on CPU: ``phaselens serve --preset tiny`` with a request log and step records, ``phaselens load``
-against it, then ``phaselens advise`` on what they wrote: terminal report and report.html."""
+"""End to end on CPU: ``phaselens serve --preset tiny`` with a request log and step records,
+``phaselens load`` against it, then ``phaselens advise`` on what they wrote: terminal report and
+report.html."""
 
 from __future__ import annotations
 
@@ -27,9 +28,26 @@ def served_and_loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     port = _free_port()
     log_path = tmp / "requests.jsonl"
-    cmd = [sys.executable, "-m", "phaselens", "serve", "--preset", "tiny", "--workers", "1", "--port", str(port),
-           "--request-log", str(log_path), "--shim-jsonl", str(tmp / "steps-{worker}.jsonl"),
-           "--shim-socket", str(tmp / "nobody.sock"), "--num-kv-blocks", "512"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "phaselens",
+        "serve",
+        "--preset",
+        "tiny",
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+        "--request-log",
+        str(log_path),
+        "--shim-jsonl",
+        str(tmp / "steps-{worker}.jsonl"),
+        "--shim-socket",
+        str(tmp / "nobody.sock"),
+        "--num-kv-blocks",
+        "512",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -43,9 +61,32 @@ def served_and_loaded(tmp_path_factory):
 
     try:
         wait_for(up, timeout_s=120, what="phaselens serve to answer /health")
-        res = subprocess.run([sys.executable, "-m", "phaselens", "load", "--url", url, "-n", "120", "--rate", "8",
-                              "--prompt-median", "200", "--prompt-max", "1200", "--output-median", "24",
-                              "--output-max", "64", "--no-progress"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "phaselens",
+                "load",
+                "--url",
+                url,
+                "-n",
+                "120",
+                "--rate",
+                "8",
+                "--prompt-median",
+                "200",
+                "--prompt-max",
+                "1200",
+                "--output-median",
+                "24",
+                "--output-max",
+                "64",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         proc.terminate()
@@ -63,9 +104,28 @@ def test_advise_from_serve_and_load(served_and_loaded, monkeypatch):
     tmp, log_path, traces = served_and_loaded
     assert sum(len(read_trace(t).steps) for t in traces) > 100
     monkeypatch.chdir(tmp)
-    args = ["advise", *sum((["--trace", str(t)] for t in traces), []), "--request-log", str(log_path),
-            "--preset", "tiny", "--gpu", "NVIDIA H100 80GB HBM3", "--gpus", "4", "--gpus-per-node", "4",
-            "--ttft-ms", "500", "--tpot-ms", "50", "--seeds", "1", "--requests", "300"]
+    args = [
+        "advise",
+        *sum((["--trace", str(t)] for t in traces), []),
+        "--request-log",
+        str(log_path),
+        "--preset",
+        "tiny",
+        "--gpu",
+        "NVIDIA H100 80GB HBM3",
+        "--gpus",
+        "4",
+        "--gpus-per-node",
+        "4",
+        "--ttft-ms",
+        "500",
+        "--tpot-ms",
+        "50",
+        "--seeds",
+        "1",
+        "--requests",
+        "300",
+    ]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "verdict:" in res.output and "held-out mean relative error" in res.output

@@ -13,8 +13,8 @@ Published reference (figures only, no code taken):
 Assumptions standing in for what is not public in usable form:
 
 * the workload: DistServe samples 1000 requests from its preprocessed ShareGPT file, which is not published;
-  the 100 (prompt, output) pairs of the ShareGPT run in its alignment ground truth (same dataset, OPT tokenizer)
-  stand in for it (``tests/fixtures/advisor/distserve_opt13b_sharegpt_lengths.json``);
+  the 100 (prompt, output) pairs of the ShareGPT run in its alignment ground truth (same dataset, OPT
+  tokenizer) stand in for it (``tests/fixtures/advisor/distserve_opt13b_sharegpt_lengths.json``);
 * the model shape (only KV bytes per token and weight bytes matter here): OPT-13B, 40 layers, hidden 5120,
   40 heads without GQA, the MLP's 2 x 4h matrices expressed as our 3-matrix form (intermediate 13653);
 * a fixed TTFT overhead (front-end, scheduling) of the median measured TTFT minus the TP2 prefill model over
@@ -41,21 +41,39 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "advisor" / "distserve_opt13b
 
 # profiler-a100-80g.distserve.json, facebook/opt-13b (milliseconds)
 DISTSERVE_OPT13B_A100_MS = {
-    1: {"prefill": [16.456860431694288, 0.09264750660897617, 6.474785740229194e-06],
+    1: {
+        "prefill": [16.456860431694288, 0.09264750660897617, 6.474785740229194e-06],
         "decode": [19.934702624895458, 0.0006269356524350583, 0.03850697740828398],
-        "decode_large": [7.1661889468253595, 0.0005798000403396046, 0.15831096191764046], "knee": 95},
-    2: {"prefill": [13.402703359246601, 0.06234291581603636, 2.226884309113053e-06],
+        "decode_large": [7.1661889468253595, 0.0005798000403396046, 0.15831096191764046],
+        "knee": 95,
+    },
+    2: {
+        "prefill": [13.402703359246601, 0.06234291581603636, 2.226884309113053e-06],
         "decode": [13.294796350285385, 0.00034109219700723494, 0.06296393225243659],
-        "decode_large": [10.638741913126715, 0.00031183369638295723, 0.08562913604102729], "knee": 95},
-    4: {"prefill": [10.965724575862776, 0.034619455295915404, 4.7511361198071533e-07],
+        "decode_large": [10.638741913126715, 0.00031183369638295723, 0.08562913604102729],
+        "knee": 95,
+    },
+    4: {
+        "prefill": [10.965724575862776, 0.034619455295915404, 4.7511361198071533e-07],
         "decode": [10.256231678259395, 0.00018786702316166354, 0.03269273629225551],
-        "decode_large": [10.483514938375274, 0.00017120888562939117, 0.04566648525887034], "knee": 95},
+        "decode_large": [10.483514938375274, 0.00017120888562939117, 0.04566648525887034],
+        "knee": 95,
+    },
 }
 PUBLISHED_PER_GPU = 1.56
 PUBLISHED_BRACKET = (1.5625, 1.71875)
 
-OPT_13B = ModelConfig(name="opt-13b", vocab_size=50272, hidden_size=5120, intermediate_size=13653, num_layers=40,
-                      num_heads=40, num_kv_heads=40, head_dim=128, max_position_embeddings=2048)
+OPT_13B = ModelConfig(
+    name="opt-13b",
+    vocab_size=50272,
+    hidden_size=5120,
+    intermediate_size=13653,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=40,
+    head_dim=128,
+    max_position_embeddings=2048,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +83,19 @@ def advice():
     model = StepModel.from_table(DISTSERVE_OPT13B_A100_MS, unit_s=1e-3)
     tp2 = model.coefficients(2)
     measured = np.array(data["measured_ttft_ms_at_1rps"], dtype=float)
-    overhead = float(np.median(measured[:, 1] / 1e3 - [tp2.prefill_time(l, l * l) for l in measured[:, 0]]))
+    overhead = float(np.median(measured[:, 1] / 1e3 - [tp2.prefill_time(n, n * n) for n in measured[:, 0]]))
     assert 0.0 < overhead < 0.05
     workload = Workload.from_arrays(4.0, pairs[:, 0], pairs[:, 1], source="DistServe ShareGPT sample")
     slo = Slo(ttft_s=0.200, tpot_s=0.100, ttft_pct=90, tpot_pct=90)
-    cluster = Cluster(gpus=4, gpu=gpu_spec("NVIDIA A100-SXM4-80GB"), model=OPT_13B, gpus_per_node=4,
-                      kv_link_gbps=4800.0, tp_degrees=(1, 2, 4), ttft_overhead_s=overhead)
+    cluster = Cluster(
+        gpus=4,
+        gpu=gpu_spec("NVIDIA A100-SXM4-80GB"),
+        model=OPT_13B,
+        gpus_per_node=4,
+        kv_link_gbps=4800.0,
+        tp_degrees=(1, 2, 4),
+        ttft_overhead_s=overhead,
+    )
     return Search(model, workload, slo, cluster, seeds=(0, 1, 2), n_requests=1000).run()
 
 

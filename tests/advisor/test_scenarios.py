@@ -22,11 +22,24 @@ LONG_SLO = Slo(ttft_s=4.0, tpot_s=0.020)  # tight TPOT, loose TTFT
 
 
 def advise(spec: str, slo: Slo, gpus: int, link_gbps: float = 400.0) -> Advice:
-    model = StepModel.from_table({1: {"prefill": TRUE["prefill"], "decode": TRUE["decode"],
-                                      "decode_large": TRUE["decode_large"], "knee": TRUE["knee"]}},
-                                 source="synthetic")
-    cluster = Cluster(gpus=gpus, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"),
-                      kv_link_gbps=link_gbps, tp_degrees=(1, 2))
+    model = StepModel.from_table(
+        {
+            1: {
+                "prefill": TRUE["prefill"],
+                "decode": TRUE["decode"],
+                "decode_large": TRUE["decode_large"],
+                "knee": TRUE["knee"],
+            }
+        },
+        source="synthetic",
+    )
+    cluster = Cluster(
+        gpus=gpus,
+        gpu=gpu_spec("NVIDIA H100 80GB HBM3"),
+        model=preset("llama-3.1-8b"),
+        kv_link_gbps=link_gbps,
+        tp_degrees=(1, 2),
+    )
     return Search(model, Workload.from_spec(spec), slo, cluster, seeds=(0,), n_requests=600).run()
 
 

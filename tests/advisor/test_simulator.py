@@ -23,8 +23,13 @@ def setup():
     model = StepModel.from_table(TABLE)
     wl = Workload.from_arrays(1.0, [PROMPT] * 10, [64] * 10)
     slo = Slo(ttft_s=10.0, tpot_s=1.0)
-    cluster = Cluster(gpus=2, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"),
-                      kv_link_gbps=1e6, tp_degrees=(1,))
+    cluster = Cluster(
+        gpus=2,
+        gpu=gpu_spec("NVIDIA H100 80GB HBM3"),
+        model=preset("llama-3.1-8b"),
+        kv_link_gbps=1e6,
+        tp_degrees=(1,),
+    )
     return model, wl, slo, cluster
 
 

@@ -43,7 +43,9 @@ def test_mixed_steps_fitted_when_present():
 @pytest.mark.parametrize("n", [0, 5])
 def test_too_few_steps_named(n):
     steps = synth_steps(n_prefill=n, n_decode=50)
-    with pytest.raises(NotEnoughStepsError, match=f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE}"):
+    with pytest.raises(
+        NotEnoughStepsError, match=f"not enough steps to fit: {n}, need {MIN_STEPS_PER_PHASE}"
+    ):
         StepModel.fit(steps)
 
 
@@ -52,10 +54,10 @@ def test_roofline_fallback_is_flagged_and_ordered():
     assert any("roofline" in f and "not measured" in f for f in model.flags)
     one, two = model.coefficients(1), model.coefficients(2)
     # a 2048-token prefill is compute-bound: ~2*8e9*2048 FLOP at 60% of 989 TFLOP/s ~ 55 ms
-    assert 0.03 < one.prefill_time(2048, 2048 ** 2) < 0.12
+    assert 0.03 < one.prefill_time(2048, 2048**2) < 0.12
     # decode of one sequence is weight-read bound: 16 GB at 80% of 3.35 TB/s ~ 6 ms
     assert 0.004 < one.decode_time(1, 1000) < 0.012
-    assert two.prefill_time(2048, 2048 ** 2) < one.prefill_time(2048, 2048 ** 2)
+    assert two.prefill_time(2048, 2048**2) < one.prefill_time(2048, 2048**2)
 
 
 def test_tp_extrapolation_flagged():

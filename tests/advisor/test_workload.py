@@ -20,14 +20,17 @@ def test_spec_lengths_and_prefix_split():
     assert 0 < wl.history_share < 1
 
 
-@pytest.mark.parametrize("spec, bad", [
-    ("rate=0,prompt=fixed:10,output=fixed:10", "rate"),
-    ("rate=1,prompt=fixed:0,output=fixed:10", "prompt"),
-    ("rate=1,prompt=gauss:3,output=fixed:10", "gauss:3"),
-    ("rate=1,output=fixed:10", "prompt"),
-    ("rate=1,prompt=fixed:10,output=fixed:10,colour=blue", "colour"),
-    ("rate=1,prompt=fixed:10,output=fixed:10,prefix_hit=2", "prefix_hit"),
-])
+@pytest.mark.parametrize(
+    "spec, bad",
+    [
+        ("rate=0,prompt=fixed:10,output=fixed:10", "rate"),
+        ("rate=1,prompt=fixed:0,output=fixed:10", "prompt"),
+        ("rate=1,prompt=gauss:3,output=fixed:10", "gauss:3"),
+        ("rate=1,output=fixed:10", "prompt"),
+        ("rate=1,prompt=fixed:10,output=fixed:10,colour=blue", "colour"),
+        ("rate=1,prompt=fixed:10,output=fixed:10,prefix_hit=2", "prefix_hit"),
+    ],
+)
 def test_bad_spec_names_the_value(spec, bad):
     with pytest.raises(WorkloadError, match=bad):
         Workload.from_spec(spec)
@@ -45,7 +48,9 @@ def test_request_log_rate_lengths_and_sessions(tmp_path):
         if i + 1 < n:
             sessions[i + 1] = f"s{i}"
             cached[i + 1] = 50
-    path = write_request_log(tmp_path / "req.jsonl", prompt, output, rate=5.0, cached=cached, sessions=sessions)
+    path = write_request_log(
+        tmp_path / "req.jsonl", prompt, output, rate=5.0, cached=cached, sessions=sessions
+    )
     with path.open("a") as f:
         f.write("not json\n")
         f.write('{"type":"request","status":"error","prompt_tokens":5}\n')
@@ -71,10 +76,18 @@ def test_prometheus_range_query_through_the_seam():
 
     def get(url, params):
         calls.append((url, params["query"]))
-        key = "rate" if "time_to_first_token" in params["query"] else \
-            "prefill" if 'kind="prefill"' in params["query"] else "decode"
-        return {"status": "success", "data": {"resultType": "matrix", "result": [
-            {"metric": {}, "values": [[1.0, str(values[key])], [2.0, str(values[key])]]}]}}
+        key = (
+            "rate"
+            if "time_to_first_token" in params["query"]
+            else "prefill" if 'kind="prefill"' in params["query"] else "decode"
+        )
+        return {
+            "status": "success",
+            "data": {
+                "resultType": "matrix",
+                "result": [{"metric": {}, "values": [[1.0, str(values[key])], [2.0, str(values[key])]]}],
+            },
+        }
 
     wl = Workload.from_prometheus("http://prom:9090", 0.0, 3600.0, get=get)
     assert all(u == "http://prom:9090/api/v1/query_range" for u, _ in calls)
