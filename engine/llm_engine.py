@@ -6,6 +6,12 @@
              -> read sampled ids (the step's one host sync) -> update sequences -> shim.poll
 
 The API is fixed by docs/contracts.md ("Engine core"); the API server codes against it.
+
+Split-pool mode (issue 6) adds a hand-off at the first token: a request added with ``handoff=True`` is
+*parked* once its prompt is in the cache and its first token sampled (blocks kept, out of the batch) and
+listed by :meth:`LLMEngine.take_handoffs`; another engine continues it with :meth:`add_transferred`, which
+copies only the blocks missing from its own prefix cache (:mod:`kv_transfer`), and the first engine then
+frees them with :meth:`release`. :meth:`resume` continues a parked request where it is (no copy).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import torch
 
 from phaselens.engine.block_manager import BlockManager
 from phaselens.engine.config import ModelConfig
+from phaselens.engine.kv_transfer import KVTransfer, TransferResult, share_cpu_cache
+from phaselens.engine.protocol import Handoff, KVHandle
 from phaselens.engine.loader import resolve
 from phaselens.engine.sampling_params import SamplingParams
 from phaselens.engine.scheduler import Scheduler
-from phaselens.engine.sequence import Sequence
+from phaselens.engine.sequence import Sequence, SequenceStatus
 from phaselens.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from phaselens.engine.worker import Worker
 from phaselens.phase import Phase, Role
@@ -82,6 +90,11 @@ class EngineStats:
     #: tokens run so far: prompt (and recompute) chunk tokens, and decode tokens
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    #: KV blocks: free (unreferenced) and in all; the router's KV-space awareness in split mode
+    kv_free_blocks: int = 0
+    kv_total_blocks: int = 0
+    #: requests parked for a hand-off, their blocks still held
+    num_parked: int = 0
 
 
 class LLMEngine:
@@ -119,6 +132,14 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.shim = self._make_shim()
+        shm = None
+        if self.worker.device.type == "cpu":
+            # the cache moves into shared memory so a decode worker can copy blocks out of it (kv_transfer);
+            # the runner reads the cache from its attribute each step, so swapping the tensor is enough
+            shared, shm = share_cpu_cache(self.worker.kv_cache)
+            self.worker.kv_cache = self.worker.runner.kv_cache = shared
+        self.kv = KVTransfer(config.engine_id, self.worker.kv_cache, shm)
+        self._handoffs: list[Handoff] = []
         self._seqs: dict[str, Sequence] = {}
         self._seed_counter = itertools.count()
         self._gen_counter = itertools.count()
@@ -143,8 +164,11 @@ class LLMEngine:
     # -- requests
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_ns: int | None = None) -> None:
-        """Queue a request; ValueError for an empty or too long prompt, bad token ids, a duplicate id."""
+                    arrival_ns: int | None = None, handoff: bool = False) -> None:
+        """Queue a request; ValueError for an empty or too long prompt, bad token ids, a duplicate id.
+
+        ``handoff``: park it after its first token for another engine to continue (split mode).
+        """
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         if not prompt_token_ids:
@@ -166,6 +190,7 @@ class LLMEngine:
             generator = torch.Generator(device=self.worker.device).manual_seed(seed & (2**63 - 1))
         seq = Sequence(request_id, prompt_token_ids, params, arrival_ns or time.time_ns(), generator)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.handoff = handoff
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -179,6 +204,87 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    # -- split mode: the KV hand-off
+
+    def kv_handle(self) -> KVHandle:
+        """How another worker process opens this engine's KV cache."""
+        return self.kv.handle()
+
+    def set_role(self, role: Role, peers: tuple[KVHandle, ...] = ()) -> None:
+        """Take a new role (the shim tags the following steps with it) and open ``peers``' caches now, so
+        that a peer this engine cannot read fails the mode change, not a request (KVTransferError)."""
+        for handle in peers:
+            if handle.worker_id != self.config.engine_id:
+                self.kv.open_peer(handle)
+        self.config.role = role
+        self.shim.role = role
+
+    def take_handoffs(self) -> list[Handoff]:
+        """Requests parked since the last call, ready for another engine to continue."""
+        out, self._handoffs = self._handoffs, []
+        return out
+
+    def release(self, request_id: str) -> None:
+        """A parked request was continued elsewhere: free its blocks (they stay in the prefix cache)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.PARKED:
+            return
+        del self._seqs[request_id]
+        self.scheduler.remove(seq)
+
+    def resume(self, request_id: str) -> bool:
+        """Continue a parked request here, its blocks as they are. False if it is not parked here."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.PARKED:
+            return False
+        seq.handoff = False
+        self.scheduler.attach(seq)
+        return True
+
+    def add_transferred(self, handoff: Handoff, source: KVHandle) -> TransferResult | None:
+        """Continue a request parked in another engine: copy the blocks this engine's prefix cache lacks.
+
+        Returns what moved, or None when too few blocks are free now (nothing changed: try again later).
+        ValueError for a duplicate id or a request that does not fit this engine; KVTransferError when the
+        source's cache cannot be read.
+        """
+        h = handoff
+        if h.request_id in self._seqs:
+            raise ValueError(f"request id {h.request_id!r} is already in the engine")
+        if h.num_prompt_tokens + h.params.max_tokens > self.max_model_len:
+            raise ValueError(f"request {h.request_id}: {h.num_prompt_tokens} prompt + {h.params.max_tokens} "
+                             f"output tokens exceed this engine's context of {self.max_model_len}")
+        computed = h.num_prompt_tokens  # the first output token's KV is computed by the next decode step
+        bs = self.block_manager.block_size
+        if len(h.block_ids) != self.block_manager.blocks_needed(computed):
+            raise ValueError(f"request {h.request_id}: {len(h.block_ids)} source blocks for {computed} "
+                             f"tokens of block size {bs}")
+        generator = None
+        if not h.params.greedy:
+            seed = h.params.seed if h.params.seed is not None else hash((self.config.seed, h.request_id))
+            generator = torch.Generator(device=self.worker.device).manual_seed(seed & (2**63 - 1))
+        seq = Sequence(h.request_id, h.token_ids[:h.num_prompt_tokens], h.params, h.arrival_ns, generator)
+        seq.token_ids = list(h.token_ids)
+        # the prefix cache is looked up over the computed tokens only: at most the prompt's full blocks
+        cached = self.block_manager.cached_prefix(seq)
+        if not self.block_manager.allocate(seq, computed - len(cached) * bs, cached):
+            return None
+        n_cached = len(cached)
+        try:
+            result = self.kv.pull(source, h.block_ids[n_cached:], seq.block_table[n_cached:], n_cached)
+        except Exception:
+            self.block_manager.free_seq(seq)
+            raise
+        seq.num_computed_tokens = computed
+        seq.prefill_target = computed
+        seq.num_cached_tokens = h.num_cached_tokens
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.text = seq.detokenizer.add(seq.output_token_ids)
+        self.block_manager.register_full_blocks(seq)
+        self._seqs[h.request_id] = seq
+        self.scheduler.attach(seq)
+        return result
 
     # -- the step
 
@@ -223,6 +329,12 @@ class LLMEngine:
             reason, cut = "stop", True
         elif len(outputs) >= params.max_tokens:
             reason = "length"
+        if reason is None and seq.handoff and len(outputs) == 1:
+            # split mode: the prompt is in the cache and the first token sampled; a decode worker goes on
+            self.scheduler.park(seq)
+            self._handoffs.append(Handoff(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens,
+                                          seq.num_cached_tokens, params, seq.arrival_ns,
+                                          list(seq.block_table)))
         if reason is not None:
             if not cut:  # text held back (a partial character) belongs to the output now
                 seq.text = det.flush(outputs)
@@ -252,7 +364,11 @@ class LLMEngine:
                            prefix_query_tokens=s.prefix_query_tokens, num_preemptions=s.num_preemptions,
                            steps_by_phase=dict(self.steps_by_phase),
                            step_seconds_by_phase=dict(self.step_seconds_by_phase),
-                           prefill_tokens=self.prefill_tokens, decode_tokens=self.decode_tokens)
+                           prefill_tokens=self.prefill_tokens, decode_tokens=self.decode_tokens,
+                           kv_free_blocks=len(self.block_manager.free),
+                           kv_total_blocks=self.block_manager.num_blocks,
+                           num_parked=sum(1 for q in self._seqs.values()
+                                          if q.status is SequenceStatus.PARKED))
 
     def generate(self, prompts: list[str],
                  params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
@@ -271,8 +387,9 @@ class LLMEngine:
         return [final[r] for r in ids]
 
     def close(self) -> None:
-        """Flush and close the phase shim."""
+        """Flush and close the phase shim; unmap peers' caches and remove this cache's shared segment."""
         self.shim.close()
+        self.kv.close()
 
     def __enter__(self) -> "LLMEngine":
         return self

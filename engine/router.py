@@ -1,10 +1,13 @@
 """Least-loaded routing of requests to engine workers.
 
 Load is what the front-end itself has handed a worker and not yet seen finish: requests in flight, then
-their prompt plus remaining output tokens as the tie-break. That is exact and current (the workers'
-own stats arrive a step late). Only live workers of the asked-for role are candidates, so split-pool mode
-(issue 6) picks a prefill worker with ``select(..., role=Role.PREFILL)`` and a decode worker with
-``Role.DECODE`` from the same table.
+their prompt plus remaining output tokens as the tie-break. That is exact and current (the workers' own
+stats arrive a step late). Only live, routable workers of the asked-for role are candidates, so split-pool
+mode (issue 6) picks a prefill worker with ``select(..., role=Role.PREFILL)`` and a decode worker with
+``Role.DECODE`` from the same table. A decode worker is picked KV-space aware: given ``need_blocks``,
+workers whose last reported free KV blocks (minus what was sent to them since) cannot hold the request are
+passed over while another can. A mode change re-labels workers (:meth:`Router.set_roles`); a worker left out
+of the new mode stays in the table, unroutable, until it is given a role again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class WorkerLoad:
     alive: bool = True
     requests: int = 0
     tokens: int = 0
+    routable: bool = True
+    #: KV blocks free at the worker's last report (None: not reported), less blocks sent to it since
+    kv_free_blocks: int | None = None
 
 
 class NoWorkerAvailable(RuntimeError):
@@ -54,18 +60,50 @@ class Router:
             load.requests, load.tokens = 0, 0
             return orphans
 
-    def select(self, request_id: str, tokens: int, role: Role = Role.COLOCATED) -> str:
-        """Assign ``request_id`` to the least-loaded live worker of ``role`` and charge it."""
+    def set_roles(self, roles: dict[str, Role | None]) -> None:
+        """Re-label workers at once (a mode change): None makes a worker unroutable."""
         with self._lock:
-            candidates = [w for w in self._workers.values() if w.alive and w.role == role]
+            for wid, role in roles.items():
+                load = self._workers[wid]
+                load.routable = role is not None
+                if role is not None:
+                    load.role = role
+
+    def report_kv(self, worker_id: str, free_blocks: int | None) -> None:
+        """A worker's free KV blocks from its latest stats."""
+        with self._lock:
+            if worker_id in self._workers:
+                self._workers[worker_id].kv_free_blocks = free_blocks
+
+    def select(self, request_id: str, tokens: int, role: Role = Role.COLOCATED,
+               need_blocks: int | None = None) -> str:
+        """Assign ``request_id`` to the least-loaded live worker of ``role`` and charge it.
+
+        ``need_blocks``: prefer workers with that many free KV blocks (a hand-off's destination).
+        """
+        with self._lock:
+            candidates = [w for w in self._workers.values() if w.alive and w.routable and w.role == role]
             if not candidates:
                 raise NoWorkerAvailable(f"no live {role.value} worker")
+            if need_blocks is not None:
+                roomy = [w for w in candidates if w.kv_free_blocks is None or w.kv_free_blocks >= need_blocks]
+                candidates = roomy or candidates
             # ties go to the lowest worker id: deterministic, and tests can predict it
             best = min(candidates, key=lambda w: (w.requests, w.tokens, w.worker_id))
             best.requests += 1
             best.tokens += tokens
+            if need_blocks is not None and best.kv_free_blocks is not None:
+                best.kv_free_blocks = max(0, best.kv_free_blocks - need_blocks)
             self._assigned[request_id] = (best.worker_id, tokens)
             return best.worker_id
+
+    def assign(self, request_id: str, worker_id: str, tokens: int) -> None:
+        """Charge ``request_id`` to a given worker (a hand-off continued where its KV already is)."""
+        with self._lock:
+            load = self._workers[worker_id]
+            load.requests += 1
+            load.tokens += tokens
+            self._assigned[request_id] = (worker_id, tokens)
 
     def release(self, request_id: str) -> None:
         """The request finished (or failed, or was aborted): take its load off its worker."""
@@ -89,4 +127,5 @@ class Router:
 
     def alive_count(self, role: Role | None = None) -> int:
         with self._lock:
-            return sum(1 for w in self._workers.values() if w.alive and (role is None or w.role == role))
+            return sum(1 for w in self._workers.values()
+                       if w.alive and (role is None or (w.routable and w.role == role)))

@@ -106,6 +106,16 @@ class Scheduler:
         self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def park(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch but keep its blocks (its KV is being handed off)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PARKED
+
+    def attach(self, seq: Sequence) -> None:
+        """Put a sequence whose blocks are already filled (parked, or copied from a peer) into the batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     # -- the step
 
     def schedule(self) -> SchedulerOutput:

@@ -13,6 +13,8 @@ from phaselens.engine.tokenizer import IncrementalDetokenizer
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    #: split mode: prefilled on a prefill worker, blocks held until a decode worker has copied them
+    PARKED = "parked"
     FINISHED = "finished"
 
 
@@ -41,6 +43,8 @@ class Sequence:
         self.block_hashes: list[int] = []
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.num_preemptions = 0
+        #: split mode: after its first token, park the request for a decode worker instead of decoding it
+        self.handoff = False
         self.finish_reason: str | None = None
         self.text = ""
         #: attached by the engine, which knows the tokenizer

@@ -8,6 +8,12 @@ and streams them. It also measures the request latencies (:mod:`metrics`) and wr
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: non-streaming, or SSE with ``data: [DONE]``;
   ``usage`` has ``prompt_tokens_details.cached_tokens`` (``stream_options.include_usage`` when streaming).
   Extensions (as vLLM names them): ``top_k``, ``ignore_eos``; header ``X-Session-ID`` tags the request log.
+- ``GET /admin/mode``, ``POST /admin/mode`` (``{"mode": "split", "prefill": 1, "decode": 1}`` or
+  ``{"mode": "colocated"}``): the worker pools, changed at run time (split-pool mode, issue 6). Bearer
+  token (``ServerConfig.admin_token``; none configured: the admin API is off, 404); loopback callers only
+  unless ``admin_remote``; 401 for a missing or wrong token, 403 for a remote caller, 400 naming a bad
+  request (nothing changed), 409 while another change runs, 503 when the new mode's workers failed their
+  health check and the change was rolled back.
 - ``GET /v1/models``, ``GET /health`` (200 ``ok``; 200 ``degraded`` when a worker died and one still lives;
   503 ``unavailable`` when none does; per-worker state in the body), ``GET /metrics``.
 
@@ -28,7 +34,9 @@ one ``<|{role}|>`` line and the content, then a newline, per message; the prompt
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hmac
 import itertools
 import json
 import logging
@@ -42,7 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from phaselens.engine import protocol
 from phaselens.engine.metrics import EngineMetrics
@@ -110,6 +118,17 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+
+
+class ModeRequest(BaseModel):
+    """Body of ``POST /admin/mode``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    mode: str
+    prefill: int | None = None
+    decode: int | None = None
+    #: seconds the new mode's workers have to pass their health check (default: the server's)
+    health_timeout_s: float | None = None
 
 
 class APIError(Exception):
@@ -201,6 +220,12 @@ class ServerConfig:
     request_log: str | None = None
     worker_start_timeout_s: float = 600.0
     hostname: str | None = None
+    #: bearer token of the admin API (/admin/*); None: the admin API is off
+    admin_token: str | None = None
+    #: accept admin calls from non-loopback addresses too
+    admin_remote: bool = False
+    #: how long the workers of a new mode have to answer their health check before the change rolls back
+    mode_health_timeout_s: float = 10.0
 
 
 class APIServer:
@@ -225,7 +250,22 @@ class APIServer:
         self._awaiting_first = 0
         self._ids = itertools.count()
         self.started_at = int(time.time())
+        #: split mode: each worker's KV handle, from its WorkerReady
+        self.kv_handles: dict[str, protocol.KVHandle] = {}
+        #: the latest hand-offs (dicts), for GET /admin/mode and benchmarks
+        self.transfers: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self.mode_changes: list[dict[str, Any]] = []
+        self._mode_lock = threading.Lock()
+        self._acks: dict[int, protocol.RoleSet] = {}
+        self._acks_cond = threading.Condition()
+        self._tokens = itertools.count(1)
         self.app = self._build_app()
+
+    @property
+    def mode(self) -> str:
+        """``split`` when any routable worker is a prefill worker, else ``colocated``."""
+        roles = {w.role for w in self.router.loads() if w.routable}
+        return "split" if Role.PREFILL in roles else "colocated"
 
     # -- lifecycle
 
@@ -258,6 +298,7 @@ class APIServer:
     def _on_event(self, worker: WorkerProcess, event: Any) -> None:
         if isinstance(event, protocol.StepReport):
             self.worker_stats[worker.worker_id] = event.stats
+            self.router.report_kv(worker.worker_id, event.stats.get("kv_free_blocks"))
             role = worker.role.value
             self.metrics.observe_step(worker.worker_id, role, event.phase, event.step_seconds,
                                       event.prefill_tokens, event.decode_tokens)
@@ -273,6 +314,83 @@ class APIServer:
             if state is not None:
                 self._finalize(state, "error", None)
                 state.push(("error", _bad(event.message, param="prompt")))
+        elif isinstance(event, protocol.WorkerReady):
+            if event.kv_handle is not None:
+                self.kv_handles[worker.worker_id] = event.kv_handle
+        elif isinstance(event, protocol.KVReady):
+            self._hand_off(worker, event.handoff)
+        elif isinstance(event, protocol.KVTransferred):
+            self._transferred(worker, event)
+        elif isinstance(event, protocol.TransferFailed):
+            self._transfer_failed(worker, event)
+        elif isinstance(event, protocol.RoleSet):
+            with self._acks_cond:
+                self._acks[event.token] = event
+                self._acks_cond.notify_all()
+
+    # -- split mode: the hand-off (worker reader threads)
+
+    def _hand_off(self, source: WorkerProcess, handoff: protocol.Handoff) -> None:
+        """A prefill worker parked a request: continue it on a decode worker (in colocated mode: in place)."""
+        rid = handoff.request_id
+        state = self._get(rid)
+        if state is None or state.done:  # the client went away meanwhile
+            source.send(protocol.ReleaseKV(rid))
+            return
+        remaining = handoff.params.max_tokens - (len(handoff.token_ids) - handoff.num_prompt_tokens)
+        tokens = len(handoff.token_ids) + remaining
+        need = -(-tokens // max(1, _block_size(self.kv_handles.get(source.worker_id))))
+        self.router.release(rid)
+        try:
+            with self._lock:  # a mode change re-labels workers under this lock: see one mode or the other
+                if self.mode == "split":
+                    target = self.router.select(rid, tokens, Role.DECODE, need_blocks=need)
+                elif source.alive and self._routable(source.worker_id):
+                    # colocated (the mode changed under the request): the worker holding its KV goes on
+                    target = source.worker_id
+                    self.router.assign(rid, target, tokens)
+                else:
+                    target = self.router.select(rid, tokens, Role.COLOCATED, need_blocks=need)
+        except NoWorkerAvailable as exc:
+            source.send(protocol.ReleaseKV(rid))
+            self._fail(state, f"no worker can continue the request after its prefill ({exc})", "no_worker")
+            return
+        with state.lock:
+            state.worker = target
+        if target == source.worker_id:
+            source.send(protocol.ContinueRequest(handoff, None))
+        else:
+            self.workers[target].send(protocol.ContinueRequest(handoff, self.kv_handles[source.worker_id]))
+
+    def _routable(self, worker_id: str) -> bool:
+        return any(w.worker_id == worker_id and w.routable and w.alive for w in self.router.loads())
+
+    def _transferred(self, worker: WorkerProcess, event: protocol.KVTransferred) -> None:
+        source = self.workers.get(event.source_worker)
+        if source is not None and source.alive:
+            source.send(protocol.ReleaseKV(event.request_id))
+        self.metrics.observe_kv_transfer(worker.role.value, event.seconds, event.bytes)
+        self.transfers.append({"request_id": event.request_id, "source": event.source_worker,
+                               "destination": worker.worker_id, "blocks_moved": event.blocks_moved,
+                               "blocks_cached": event.blocks_cached, "bytes": event.bytes,
+                               "seconds": event.seconds})
+        state = self._get(event.request_id)
+        if state is None or state.done:  # aborted while it moved: stop it at its new worker
+            worker.send(protocol.AbortRequest(event.request_id))
+
+    def _transfer_failed(self, worker: WorkerProcess, event: protocol.TransferFailed) -> None:
+        source = self.workers.get(event.source_worker or worker.worker_id)
+        if source is not None and source.alive:
+            source.send(protocol.ReleaseKV(event.request_id))
+        state = self._get(event.request_id)
+        if state is not None:
+            self._fail(state, f"the KV hand-off to worker {worker.worker_id} failed: {event.message}",
+                       "kv_transfer_failed")
+
+    def _fail(self, state: RequestState, message: str, code: str) -> None:
+        log.error("request %s: %s", state.request_id, message)
+        if self._finalize(state, "error", None):
+            state.push(("error", APIError(500, message, type_="server_error", code=code)))
 
     def _on_delta(self, delta: protocol.TokenDelta, now: int) -> None:
         state = self._get(delta.request_id)
@@ -336,6 +454,148 @@ class APIServer:
         for role in {w.role for w in self.workers.values()}:
             self.metrics.set_workers_alive(role.value, self.router.alive_count(role))
 
+    # -- mode changes (POST /admin/mode)
+
+    def mode_state(self) -> dict[str, Any]:
+        """What ``GET /admin/mode`` answers: the mode, the pools, hand-off totals, the latest changes."""
+        loads = self.router.loads()
+        workers = [{"id": w.worker_id, "role": w.role.value if w.routable else "standby", "alive": w.alive,
+                    "requests": w.requests} for w in loads]
+        routable = [w for w in loads if w.routable and w.alive]
+        count = {r.value: sum(1 for w in routable if w.role is r) for r in Role}
+        moved = list(self.transfers)
+        return {"mode": self.mode, "prefill": count["prefill"], "decode": count["decode"],
+                "colocated": count["colocated"], "workers": workers,
+                "kv_transfers": {"count": len(moved), "bytes": sum(t["bytes"] for t in moved),
+                                 "blocks_moved": sum(t["blocks_moved"] for t in moved),
+                                 "blocks_cached": sum(t["blocks_cached"] for t in moved)},
+                "changes": self.mode_changes[-10:]}
+
+    def plan_mode(self, mode: str, prefill: int | None, decode: int | None) -> dict[str, Role | None]:
+        """Each worker's role in the asked-for mode (None: standby); ValueError names what is wrong."""
+        live = sorted(w.worker_id for w in self.router.loads() if w.alive)
+        if mode == "colocated":
+            if prefill is not None or decode is not None:
+                raise ValueError("prefill and decode counts apply to mode 'split' only")
+            if not live:
+                raise ValueError("no live worker to run colocated")
+            return {w.worker_id: (Role.COLOCATED if w.alive else None) for w in self.router.loads()}
+        if mode != "split":
+            raise ValueError(f"mode must be 'colocated' or 'split', got {mode!r}")
+        if prefill is None or decode is None:
+            raise ValueError("mode 'split' needs both 'prefill' and 'decode' worker counts")
+        if prefill < 1:
+            raise ValueError(f"prefill must be at least 1 worker, got {prefill}")
+        if decode < 1:
+            raise ValueError(f"decode must be at least 1 worker, got {decode}: a split needs a decode worker")
+        if prefill + decode > len(live):
+            raise ValueError(f"prefill {prefill} + decode {decode} = {prefill + decode} workers, but only "
+                             f"{len(live)} live worker(s) exist")
+        missing = [w for w in live if w not in self.kv_handles]
+        if missing:
+            raise ValueError(f"worker(s) {', '.join(missing)} cannot hand KV over (engine without a KV "
+                             "handle): split mode is not available")
+        plan: dict[str, Role | None] = {w.worker_id: None for w in self.router.loads()}
+        for i, wid in enumerate(live[:prefill + decode]):
+            plan[wid] = Role.PREFILL if i < prefill else Role.DECODE
+        return plan
+
+    def change_mode(self, mode: str, prefill: int | None = None, decode: int | None = None,
+                    health_timeout_s: float | None = None) -> dict[str, Any]:
+        """Switch the pools; requests in flight finish where they are (or hand off by the mode they were
+        sent in), new ones follow the new mode. ValueError: a bad request, nothing changed. ModeBusy:
+        another change runs. ModeRolledBack: a worker of the new mode failed its health check."""
+        timeout = self.config.mode_health_timeout_s if health_timeout_s is None else health_timeout_s
+        if not timeout > 0:
+            raise ValueError(f"health_timeout_s must be > 0, got {health_timeout_s}")
+        plan = self.plan_mode(mode, prefill, decode)
+        if not self._mode_lock.acquire(blocking=False):
+            raise ModeBusy("another mode change is in progress")
+        try:
+            before = self.mode_state()
+            old = {w.worker_id: (w.role if w.routable else None) for w in self.router.loads()}
+            failures = self._health_check(plan, timeout)
+            record: dict[str, Any] = {"at_ns": time.time_ns(), "from": before["mode"], "to": mode,
+                                      "prefill": prefill, "decode": decode}
+            if failures:
+                # roll back: the workers take their old roles again; the router never saw the new ones
+                self._health_check({w: r for w, r in old.items() if r is not None and plan.get(w) != r},
+                                   timeout, wait=False)
+                record.update(ok=False, rolled_back=True, error="; ".join(failures))
+                self.mode_changes.append(record)
+                log.error("mode change to %s rolled back: %s", mode, record["error"])
+                raise ModeRolledBack(f"mode change to {mode!r} rolled back: {record['error']}")
+            with self._lock:  # submit() and hand-offs see the old roles or the new, never a mix
+                self.router.set_roles(plan)
+                for wid, role in plan.items():
+                    if role is not None:
+                        self.workers[wid].role = role
+            self._publish_alive()
+            record.update(ok=True, rolled_back=False)
+            self.mode_changes.append(record)
+            log.warning("mode changed: %s -> %s (%s)", before["mode"], mode,
+                        ", ".join(f"{w}={r.value if r else 'standby'}" for w, r in sorted(plan.items())))
+            return self.mode_state()
+        finally:
+            self._mode_lock.release()
+
+    def _health_check(self, plan: dict[str, Role | None], timeout_s: float, wait: bool = True) -> list[str]:
+        """Send each worker of ``plan`` its role (decode workers open the prefill workers' KV caches) and
+        wait for every answer; returns what failed (empty: all passed)."""
+        peers = tuple(self.kv_handles[w] for w, r in sorted(plan.items()) if r is Role.PREFILL)
+        tokens: dict[int, str] = {}
+        failures: list[str] = []
+        for wid, role in sorted(plan.items()):
+            if role is None:
+                continue
+            worker = self.workers[wid]
+            if not worker.alive:
+                failures.append(f"worker {wid} is not alive")
+                continue
+            token = next(self._tokens)
+            tokens[token] = wid
+            worker.send(protocol.SetRole(role, token, peers if role is Role.DECODE else ()))
+        if not wait:
+            return failures
+        deadline = time.monotonic() + timeout_s
+        with self._acks_cond:
+            while True:
+                pending = [t for t in tokens if t not in self._acks]
+                dead = [t for t in pending if not self.workers[tokens[t]].alive]
+                left = deadline - time.monotonic()
+                if not pending or dead or left <= 0:
+                    break
+                self._acks_cond.wait(min(left, 0.1))
+            for token, wid in tokens.items():
+                ack = self._acks.pop(token, None)
+                if ack is None:
+                    alive = self.workers[wid].alive
+                    failures.append(f"worker {wid} " + (f"did not answer its health check in {timeout_s:g} s"
+                                                        if alive else "died during the change"))
+                elif not ack.ok:
+                    failures.append(f"worker {wid} cannot be {ack.role.value}: {ack.message}")
+        return failures
+
+    def _check_admin(self, request: Request) -> None:
+        """The admin API's gate: on, from this machine (unless admin_remote), with the bearer token."""
+        token = self.config.admin_token
+        if not token:
+            raise APIError(404, "the admin API is off: start the server with --admin-token-file or "
+                                "PHASELENS_ADMIN_TOKEN", type_="not_found_error", code="admin_off")
+        host = request.client.host if request.client else None
+        if not self.config.admin_remote and not _is_loopback(host):
+            raise APIError(403, f"admin calls are accepted from this machine only, not from {host}; serve "
+                                "with --admin-remote to allow other hosts",
+                           type_="permission_error", code="admin_local_only")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise APIError(401, "the admin API needs an 'Authorization: Bearer <token>' header",
+                           type_="authentication_error", code="missing_token",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise APIError(401, "the admin token is wrong", type_="authentication_error",
+                           code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
+
     # -- request bookkeeping
 
     def _get(self, request_id: str) -> RequestState | None:
@@ -376,13 +636,19 @@ class APIServer:
             worker.send(protocol.AbortRequest(state.request_id))
 
     def submit(self, prefix: str, prompt_ids: list[int], params: SamplingParams,
-               session_id: str | None, arrival_ns: int, role: Role = Role.COLOCATED) -> RequestState:
-        """Admit a request and send it to a worker. APIError 503 when the queue is full or no worker lives."""
+               session_id: str | None, arrival_ns: int, role: Role | None = None) -> RequestState:
+        """Admit a request and send it to a worker. APIError 503 when the queue is full or no worker lives.
+
+        ``role`` None: the current mode's entry pool (prefill in split mode, else colocated).
+        """
         request_id = f"{prefix}-{uuid.uuid4().hex[:16]}{next(self._ids)}"
-        state = RequestState(request_id=request_id, role=role, prompt_tokens=len(prompt_ids),
+        state = RequestState(request_id=request_id, role=role or Role.COLOCATED,
+                             prompt_tokens=len(prompt_ids),
                              arrival_ns=arrival_ns, session_id=session_id, queue=asyncio.Queue(),
                              loop=asyncio.get_running_loop())
-        with self._lock:
+        with self._lock:  # the mode is read and the worker picked under the lock a mode change takes
+            if role is None:
+                role = state.role = Role.PREFILL if self.mode == "split" else Role.COLOCATED
             if self._awaiting_first >= self.config.max_queue:
                 self.metrics.count_rejected(role.value, "queue_full")
                 raise APIError(503, f"the server is overloaded: {self._awaiting_first} requests are waiting "
@@ -486,6 +752,32 @@ class APIServer:
                 server.metrics.count_rejected(Role.COLOCATED.value, "bad_request")
             return exc.response()
 
+        @app.get("/admin/mode")
+        async def get_mode(request: Request) -> dict[str, Any]:
+            server._check_admin(request)
+            return server.mode_state()
+
+        @app.post("/admin/mode")
+        async def set_mode(request: Request) -> dict[str, Any]:
+            server._check_admin(request)  # before the body is even parsed
+            try:
+                body = ModeRequest.model_validate_json(await request.body())
+            except ValidationError as exc:
+                first = exc.errors()[0] if exc.errors() else {}
+                where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+                raise _bad(f"invalid mode request: {where}: {first.get('msg', 'invalid')}",
+                           param=where) from None
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, server.change_mode, body.mode, body.prefill, body.decode, body.health_timeout_s)
+            except ValueError as exc:
+                raise _bad(str(exc), param="mode", code="invalid_mode") from None
+            except ModeBusy as exc:
+                raise APIError(409, str(exc), type_="conflict_error",
+                               code="mode_change_in_progress") from None
+            except ModeRolledBack as exc:
+                raise APIError(503, str(exc), type_="server_error", code="mode_change_rolled_back") from None
+
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
             return {"object": "list", "data": [{"id": server.model_name, "object": "model",
@@ -539,7 +831,8 @@ class APIServer:
             alive = worker.alive
             stats = self.worker_stats.get(wid, {})
             workers.append({
-                "id": wid, "role": worker.role.value, "alive": alive, "pid": worker.pid,
+                "id": wid, "role": worker.role.value if loads.get(wid) is None or loads[wid].routable
+                else "standby", "alive": alive, "pid": worker.pid,
                 "exitcode": None if alive else worker.exitcode,
                 "error": None if alive else (worker.failure or f"exited with code {worker.exitcode}"),
                 "requests": loads[wid].requests if wid in loads else 0,
@@ -549,7 +842,7 @@ class APIServer:
         status = "ok" if alive == len(workers) else ("degraded" if alive else "unavailable")
         with self._lock:
             inflight, waiting = len(self._requests), self._awaiting_first
-        body = {"status": status, "model": self.model_name, "workers": workers,
+        body = {"status": status, "model": self.model_name, "mode": self.mode, "workers": workers,
                 "requests_in_flight": inflight, "requests_awaiting_first_token": waiting,
                 "max_queue": self.config.max_queue}
         return JSONResponse(body, status_code=200 if alive else 503)
@@ -661,6 +954,27 @@ class APIServer:
                 "choices": [choice], "usage": _usage(state)}
 
 
+class ModeBusy(RuntimeError):
+    """A mode change was asked for while another one runs."""
+
+
+class ModeRolledBack(RuntimeError):
+    """The new mode's workers failed their health check; the old mode is back."""
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
 
@@ -712,6 +1026,11 @@ class _ArrivalStamp:
         if scope["type"] == "http":
             scope.setdefault("state", {})["arrival_ns"] = time.time_ns()
         await self.app(scope, receive, send)
+
+
+def _block_size(handle: protocol.KVHandle | None) -> int:
+    """Tokens per KV block of a worker (16, the engine's default, for workers without a handle)."""
+    return int(handle.shape[3]) if handle is not None else 16
 
 
 def _arrival_ns(request: Request) -> int:

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -119,6 +120,9 @@ class WorkerLoop:
         self.events = events
         self.engine: Any = None
         self.active: set[str] = set()
+        self.role = config.role
+        #: hand-offs waiting for free KV blocks here, oldest first
+        self.pending: deque[protocol.ContinueRequest] = deque()
         self._last_heartbeat = 0.0
 
     def run(self) -> None:
@@ -133,7 +137,7 @@ class WorkerLoop:
                 model_name=self.engine.model_config.name, max_model_len=int(self.engine.max_model_len),
                 device=str(cfg.engine_args.get("device", "cpu")),
                 vocab_size=int(self.engine.model_config.vocab_size),
-                gpu_uuid=cfg.engine_args.get("gpu_uuid")))
+                gpu_uuid=cfg.engine_args.get("gpu_uuid"), kv_handle=self._kv_handle()))
         except Exception as exc:  # report why start-up failed, then exit non-zero
             if not isinstance(exc, ValueError):  # a bad config is the user's error, not a bug: no traceback
                 log.exception("worker %s failed to start", cfg.worker_id)
@@ -150,15 +154,21 @@ class WorkerLoop:
             if callable(close):
                 close()
 
+    def _kv_handle(self) -> protocol.KVHandle | None:
+        """The engine's KV handle, if it can hand KV over (test engines cannot)."""
+        get = getattr(self.engine, "kv_handle", None)
+        return get() if callable(get) else None
+
     def _serve(self) -> None:
         parent = mp.parent_process()
         before = stats_dict(self.engine.stats())
         while True:
-            busy = self.engine.has_unfinished_requests()
+            busy = self.engine.has_unfinished_requests() or bool(self.pending)
             for cmd in self._drain(block=not busy):
                 if isinstance(cmd, protocol.Shutdown):
                     return
                 self._handle(cmd)
+            self._admit_pending()
             if self.engine.has_unfinished_requests():
                 before = self._step(before)
             else:
@@ -184,9 +194,11 @@ class WorkerLoop:
 
     def _handle(self, cmd: Any) -> None:
         if isinstance(cmd, protocol.AddRequest):
+            # a request sent to the prefill pool is parked after its first token (split mode)
+            extra = {"handoff": True} if cmd.role is Role.PREFILL else {}
             try:
                 self.engine.add_request(cmd.request_id, list(cmd.prompt_token_ids), cmd.params,
-                                        arrival_ns=cmd.arrival_ns)
+                                        arrival_ns=cmd.arrival_ns, **extra)
             except ValueError as exc:
                 self.events.put(protocol.RequestRejected(cmd.request_id, str(exc)))
                 return
@@ -195,8 +207,75 @@ class WorkerLoop:
             if cmd.request_id in self.active:
                 self.active.discard(cmd.request_id)
                 self.engine.abort_request(cmd.request_id)
+            for waiting in [p for p in self.pending if p.handoff.request_id == cmd.request_id]:
+                self.pending.remove(waiting)
+                self._report_failed(waiting, "aborted while waiting for KV blocks")
+        elif isinstance(cmd, protocol.ContinueRequest):
+            self._continue(cmd, first_try=True)
+        elif isinstance(cmd, protocol.ReleaseKV):
+            if cmd.request_id in self.active:
+                self.active.discard(cmd.request_id)
+                self.engine.release(cmd.request_id)
+        elif isinstance(cmd, protocol.SetRole):
+            self._set_role(cmd)
         else:
             log.warning("worker %s: unknown command %r ignored", self.config.worker_id, cmd)
+
+    # -- split mode
+
+    def _set_role(self, cmd: protocol.SetRole) -> None:
+        """Take the role and answer :class:`~protocol.RoleSet`: the mode change's health check."""
+        set_role = getattr(self.engine, "set_role", None)
+        try:
+            if callable(set_role):
+                set_role(cmd.role, cmd.peers)
+        except Exception as exc:  # the worker cannot serve in the new mode: the front-end rolls back
+            self.events.put(protocol.RoleSet(self.config.worker_id, cmd.role, cmd.token, ok=False,
+                                             message=f"{type(exc).__name__}: {exc}"))
+            return
+        self.role = cmd.role
+        self.events.put(protocol.RoleSet(self.config.worker_id, cmd.role, cmd.token))
+
+    def _continue(self, cmd: protocol.ContinueRequest, first_try: bool) -> bool:
+        """Take over a parked request; False when it has to wait for free blocks (queued if first_try)."""
+        rid = cmd.handoff.request_id
+        if cmd.source is None:  # parked here: continue in place
+            if self.engine.resume(rid):
+                return True
+            self._report_failed(cmd, f"request {rid} is not parked on worker {self.config.worker_id}")
+            return True
+        try:
+            result = self.engine.add_transferred(cmd.handoff, cmd.source)
+        except Exception as exc:  # a bad hand-off fails this request only, never the worker
+            self._report_failed(cmd, f"{type(exc).__name__}: {exc}")
+            return True
+        if result is None:
+            if not self.engine.has_unfinished_requests() and not first_try:
+                self._report_failed(cmd, f"request {rid} needs more KV blocks than worker "
+                                         f"{self.config.worker_id} has free with nothing running")
+                return True
+            if first_try:
+                self.pending.append(cmd)
+            return False
+        self.active.add(rid)
+        self.events.put(protocol.KVTransferred(
+            self.config.worker_id, rid, cmd.source.worker_id, result.blocks_moved, result.blocks_cached,
+            result.bytes, result.seconds))
+        return True
+
+    def _admit_pending(self) -> None:
+        """Retry hand-offs that waited for blocks, oldest first, until one still does not fit."""
+        while self.pending:
+            if not self._continue(self.pending[0], first_try=False):
+                return
+            self.pending.popleft()
+
+    def _report_failed(self, cmd: protocol.ContinueRequest, message: str) -> None:
+        source = None if cmd.source is None else cmd.source.worker_id
+        log.warning("worker %s: hand-off of %s failed: %s", self.config.worker_id, cmd.handoff.request_id,
+                    message)
+        self.events.put(protocol.TransferFailed(self.config.worker_id, cmd.handoff.request_id, source,
+                                                message))
 
     def _step(self, before: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time_ns()
@@ -222,6 +301,10 @@ class WorkerLoop:
             worker_id=self.config.worker_id, outputs=deltas, t0_ns=t0, t1_ns=t1, phase=phase,
             step_seconds=seconds if seconds is not None else (t1 - t0) / 1e9,
             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, stats=after))
+        take = getattr(self.engine, "take_handoffs", None)
+        for handoff in (take() if callable(take) else ()):
+            if handoff.request_id in self.active:
+                self.events.put(protocol.KVReady(self.config.worker_id, handoff))
         return after
 
 
