@@ -3,6 +3,8 @@
 The host builds a handful of per-sequence integers and the flat token list, copies them to the device in
 one transfer, and the device derives positions and cache slots itself: no host loop over tokens. The
 sampled ids stay on the device; the engine reads them back once per step (the only host synchronization).
+On CUDA, decode-only steps replay a captured CUDA graph of the forward (engine/cuda_graphs.py) once
+:meth:`ModelRunner.capture_decode_graphs` has run; other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from phaselens.engine.cuda_graphs import DecodeGraphs
 from phaselens.engine.model import LlamaModel
 from phaselens.engine.sampler import Sampler
 from phaselens.engine.scheduler import SchedulerOutput
@@ -39,6 +42,21 @@ class ModelRunner:
         self.device = model.device
         self.sampler = Sampler()
         self._pin = self.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        #: replay decode graphs when captured (False: every step eager, for A/B comparisons)
+        self.use_cuda_graphs = True
+
+    def capture_decode_graphs(self, max_batch: int, max_blocks: int) -> None:
+        """Capture decode graphs for batches up to ``max_batch`` and block tables up to ``max_blocks``."""
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_batch, max_blocks)
+        graphs.capture()
+        self.graphs = graphs
+
+    def replays(self, out: SchedulerOutput) -> bool:
+        """Whether this step runs as a graph replay (decode-only, and a captured size holds it)."""
+        g = self.graphs
+        return (g is not None and self.use_cuda_graphs and out.num_decodes == len(out.scheduled) > 0
+                and g.padded_size(len(out.scheduled)) is not None)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Pack the step (host work, then one host-to-device copy)."""
@@ -78,13 +96,18 @@ class ModelRunner:
         nd = out.num_decodes
         meta = AttentionMetadata(block_size=bs, num_decodes=nd, query_lens=qlens, context_lens=ctx,
                                  slot_mapping=slots, block_tables=block_tables,
-                                 decode_seq_lens=ctx_t[:nd] + 1 if nd else None)
+                                 decode_seq_lens=ctx_t[:nd] + 1 if nd else None,
+                                 query_starts_dev=starts, query_lens_dev=qlen_t, context_lens_dev=ctx_t)
         return StepInputs(input_ids, positions, meta, rows_t, sample_index)
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, inputs: StepInputs) -> torch.Tensor:
         """Model forward and sampling; returns the sampled ids on the device (not read back)."""
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        if self.replays(out):
+            assert self.graphs is not None
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         if not inputs.sample_index:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])

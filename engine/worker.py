@@ -1,7 +1,8 @@
 """One device's share of the engine: the model, the KV cache tensor and the runner.
 
 The cache is sized here: on a GPU from the memory left after the weights and a measured activation peak
-(``gpu_memory_utilization`` of the card in all, as vLLM does), on the CPU from ``num_kv_blocks``.
+(``gpu_memory_utilization`` of the card in all, as vLLM does), on the CPU from ``num_kv_blocks``. On CUDA
+the worker then captures the decode CUDA graphs (engine/cuda_graphs.py) for batches up to ``max_num_seqs``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from phaselens.engine.model_runner import ModelRunner
 from phaselens.engine.sampling_params import SamplingParams
 from phaselens.engine.scheduler import ScheduledSeq, SchedulerOutput
 from phaselens.engine.sequence import Sequence
+from phaselens.kernels import uses_triton
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class Worker:
 
     def __init__(self, source: ModelSource, device: str | torch.device, *, block_size: int,
                  num_kv_blocks: int | None, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, seed: int, cpu_threads: int | None = None) -> None:
+                 max_num_seqs: int, max_model_len: int, seed: int, cpu_threads: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -41,6 +44,10 @@ class Worker:
             if (self.device.index or 0) >= torch.cuda.device_count():
                 raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(self.device)
+            # SDPA's cuDNN backend builds an execution plan per new shape: a generate run with growing
+            # contexts took 1.1 s for its first step after warm-up (bench/RESULTS.md, 03:10); the flash and
+            # memory-efficient backends need no plan
+            torch.backends.cuda.enable_cudnn_sdp(False)
         elif self.device.type != "cpu":
             raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
         else:
@@ -61,6 +68,11 @@ class Worker:
         self.runner = ModelRunner(self.model, self.kv_cache, block_size)
         if self.device.type == "cuda":
             self._warm_up(min(256, max_model_len - 1))
+            if cuda_graphs and uses_triton(self.device):
+                max_blocks = min(-(-max_model_len // block_size), self.num_kv_blocks)
+                self.runner.capture_decode_graphs(max_num_seqs, max_blocks)
+            elif cuda_graphs:
+                log.info("decode CUDA graphs off: the torch reference attention cannot be captured")
         log.info("worker on %s: %s in %s, %d KV blocks of %d tokens (%.2f GiB)", self.device, c.name,
                  self.dtype, self.num_kv_blocks, block_size, self.num_kv_blocks * self.block_bytes / 2**30)
 

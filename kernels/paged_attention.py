@@ -73,7 +73,8 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
                                kc.stride(0), kc.stride(1), HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd))
 
 
-@triton.jit
+# the block table's row stride is the step's widest table: not specialized on, so a new width compiles nothing
+@triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                    qk_scale, stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh,
@@ -203,7 +204,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, q_start_ptr, q_len_ptr, ctx_ptr, out_ptr, qk_scale,
                     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
                     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
