@@ -49,13 +49,14 @@ def prometheus(tmp_path_factory):
     start = end - 3 * 3600
     (tmp / "data.om").write_text(_openmetrics(start, end))
     data = tmp / "tsdb"
-    res = subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(tmp / "data.om"), str(data)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(tmp / "data.om"),
+                          str(data)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     (tmp / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
     port = _free_port()
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
-                             "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{port}"],
+    proc = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={data}", "--storage.tsdb.retention.time=30d",
+                             f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
