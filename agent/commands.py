@@ -91,6 +91,15 @@ def _build(cfg: AgentConfig, **kw: Any) -> Any:
         raise
 
 
+def _start_receiver(daemon: Any, cfg: AgentConfig) -> None:
+    try:
+        daemon.start_receiver()
+    except (OSError, ValueError) as exc:
+        daemon.close()
+        raise click.BadParameter(f"cannot listen on {cfg.socket_path}: {exc}", param_hint="--socket-path") \
+            from None
+
+
 def _stop_on_signals(stop: Any) -> None:
     def handler(signum: int, frame: Any) -> None:
         stop()
@@ -113,6 +122,7 @@ def agent(**kw: Any) -> None:
     """Run the node agent: sample GPUs, receive phases, attribute, serve /metrics and /health."""
     cfg = _config(**kw)
     daemon = _build(cfg)
+    _start_receiver(daemon, cfg)
     from phaselens.agent.daemon import make_http_server
 
     try:
@@ -143,7 +153,11 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
 
     cfg = _config(**kw)
     daemon = _build(cfg)
-    writer = TraceWriter(output)
+    try:
+        writer = TraceWriter(output)
+    except OSError as exc:
+        daemon.close()
+        raise click.BadParameter(f"cannot write {output}: {exc}", param_hint="OUTPUT") from None
     gpus = []
     for g in daemon.gpus.values():
         spec = find_gpu_spec(g.name)
@@ -152,6 +166,7 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
     writer.write(MetaRecord(host=socket.gethostname(), gpus=tuple(gpus)))
     if daemon.receiver is not None:
         daemon.receiver.on_step = writer.write
+    _start_receiver(daemon, cfg)  # after on_step is set: no step arrives unrecorded
     original_sample = daemon.sample
 
     def sample_and_write(now: int) -> list:

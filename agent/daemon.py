@@ -153,10 +153,14 @@ class AgentDaemon:
 
     # ---------------------------------------------------------------- running
 
+    def start_receiver(self) -> None:
+        """Bind the phase socket (OSError / ValueError if it cannot be: strict at start-up)."""
+        if self.receiver is not None and self.receiver._thread is None:
+            self.receiver.start()
+
     def run(self) -> None:
         """Tick until :meth:`stop`; sleeps until the next sampler is due."""
-        if self.receiver is not None:
-            self.receiver.start()
+        self.start_receiver()
         self.state.mark_started()
         try:
             while not self._stop.is_set():

@@ -83,6 +83,7 @@ class PhaseReceiver:
         self._thread.start()
 
     def stop(self) -> None:
+        bound = self._sock is not None
         self._stop.set()
         if self._thread is not None and self._sock is not None:
             try:
@@ -94,10 +95,11 @@ class PhaseReceiver:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        if bound:  # only the socket this receiver made: never a file it refused to replace
+            try:
+                self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
 
     def _run(self) -> None:
         assert self._sock is not None

@@ -115,6 +115,15 @@ def test_agent_flags_are_validated_with_the_bad_value_named(tmp_path: Path) -> N
     assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
+def test_agent_socket_that_cannot_be_bound_is_a_usage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-socket"
+    blocker.write_text("x")
+    r = CliRunner().invoke(cli, ["agent", "--source", "simulated", "--socket-path", str(blocker),
+                                 "--port", "0"])
+    assert r.exit_code == 2 and "not a socket" in r.output and "Traceback" not in r.output
+    assert blocker.read_text() == "x"
+
+
 def test_attribute_command_prints_table_and_json() -> None:
     runner = CliRunner()
     trace = str(FIXTURES / "regime_medium.jsonl")
