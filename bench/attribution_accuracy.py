@@ -11,13 +11,17 @@ Each step's GPU interval comes from CUDA events read after the fact and mapped t
 reference event (DESIGN.md "Phases and clocks"). Regimes: burst lengths 150-600 ms, 40-150 ms, 10-40 ms,
 and an 8B-shaped regime (~45 ms prefill chunks, ~10 ms decode steps, ~20 ms mixed steps, random idle
 gaps). Long pure runs of each phase (at the start and at the end) give the true per-phase values: the mean
-of the GPM windows that lie wholly inside a pure run.
+of the GPM windows that lie wholly inside a pure run. Duty-cycled runs (the 8B step lengths with idle gaps)
+beside them give a second, diagnostic truth: how far a phase's signature moves with its context (clock under
+the power cap, steps after idle).
 
 ``evaluate`` (CPU) turns the recordings into trace files, attributes each regime with ``naive`` and
 ``unmix`` (phaselens.agent.attribution) and reports, per regime, the largest absolute error over
-{sm_active, tensor_active, dram_active} x {prefill, decode, mixed}. ``run`` does both.
+{sm_active, tensor_active, dram_active} x {prefill, decode, mixed}; ``--results-md`` appends the table to
+bench/RESULTS.md, ``--fixtures`` writes the small CPU-test fixtures. ``probe-kernels`` prints the power, clock
+and GPM activity of each candidate prefill kernel.
 
-    python3 bench/attribution_accuracy.py record --out $OUT
+    python3 bench/attribution_accuracy.py record --out $OUT/raw                 # GPU machine, ~5 min
     python3 bench/attribution_accuracy.py evaluate --raw DIR [--fixtures tests/fixtures/attribution]
 """
 
