@@ -105,6 +105,15 @@ def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label
     return kernel_us / 3 / 1e6 if kernel_us else None
 
 
+#: each variant: (CUDA attention backend, decode CUDA graphs, prefill chunks to SDPA from this length)
+VARIANTS = {
+    "torch": ("torch", False, None),  # the torch reference, eager (the engine before issue 7)
+    "triton": ("triton", False, None),  # Triton attention, eager
+    "triton+graphs": ("triton", True, None),  # what the engine runs on CUDA: decode replays a graph
+    "triton-prefill": ("triton", False, 1 << 30),  # prefill chunks through the Triton kernel, not SDPA
+}
+
+
 @click.command()
 @click.option("--preset", "preset_name", default="llama-3.1-8b", show_default=True)
 @click.option("--device", default="cuda:0", show_default=True)
@@ -112,21 +121,34 @@ def _profile(runner: ModelRunner, out: SchedulerOutput, dev: torch.device, label
               help="Prefill chunk tokens.")
 @click.option("--context", default=1024, show_default=True, type=click.IntRange(0), help="Decode context.")
 @click.option("--batches", default="1,64", show_default=True, help="Decode batch sizes.")
+@click.option("--variants", default="triton+graphs", show_default=True,
+              help=f"Comma-separated, of: {', '.join(VARIANTS)} (the CPU runs the torch reference only).")
 @click.option("--block-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
 @click.option("--iters", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--results", default=str(RESULTS), show_default=True, help="Markdown file to append to.")
 @click.option("--no-results", is_flag=True, help="Print only.")
 @click.option("--profile", is_flag=True, help="Also print the torch profiler's top ops of each step.")
-def main(preset_name: str, device: str, prefill: int, context: int, batches: str, block_size: int,
-         warmup: int, iters: int, results: str, no_results: bool, profile: bool) -> None:
+def main(preset_name: str, device: str, prefill: int, context: int, batches: str, variants: str,
+         block_size: int, warmup: int, iters: int, results: str, no_results: bool, profile: bool) -> None:
     """Time the engine's prefill and decode steps and print ms, TFLOP/s and GB/s against the GPU's peaks."""
+    from phaselens.kernels import set_cuda_attention_backend
+
     cfg = preset(preset_name)
     dev = torch.device(device)
     try:
         batch_sizes = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter(f"{batches!r}: expected comma-separated integers", param_hint="'--batches'")
+    variant_list = [v.strip() for v in variants.split(",") if v.strip()]
+    bad = [v for v in variant_list if v not in VARIANTS]
+    if bad or not variant_list:
+        raise click.BadParameter(f"{variants!r}: expected some of {', '.join(VARIANTS)}",
+                                 param_hint="'--variants'")
+    if dev.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as the worker does (engine/worker.py)
+    else:
+        variant_list = ["torch"]
     cases = [Case(f"prefill {prefill}", 1, prefill, 0),
              Case(f"prefill {prefill} after {prefill}", 1, prefill, prefill)]
     cases += [Case(f"decode b={b} ctx={context}", b, 1, context) for b in batch_sizes]
@@ -140,37 +162,63 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
     gen = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     spec = find_gpu_spec(name) if dev.type == "cuda" else None
-    rows = []
+    built = []
     next_block = 0
     for case in cases:
         out, next_block = case.build(next_block, block_size, cfg.vocab_size, gen)
-        host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
-        flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
-        kernel_s = _profile(runner, out, dev, case.label) if profile else None
-        rows.append((case, host_s, dev_s, kernel_s, flops, nbytes))
+        built.append((case, out))
+    rows = []
+    default_sdpa_min = None
+    for variant in variant_list:
+        backend, graphs, sdpa_min = VARIANTS[variant]
+        if dev.type == "cuda":
+            set_cuda_attention_backend(backend)
+            if graphs and runner.graphs is None:
+                runner.capture_decode_graphs(max(batch_sizes), -(-max_pos // block_size))
+            runner.use_cuda_graphs = graphs
+            if backend == "triton":
+                from phaselens.kernels import paged_attention as pa
+
+                if default_sdpa_min is None:
+                    default_sdpa_min = pa.PREFILL_SDPA_MIN_TOKENS
+                pa.PREFILL_SDPA_MIN_TOKENS = sdpa_min if sdpa_min is not None else default_sdpa_min
+        for case, out in built:
+            if (graphs and case.tokens > 1) or (sdpa_min is not None and case.tokens == 1):
+                continue  # graphs change decode steps only; the Triton-prefill variant changes prefill only
+            host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
+            flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
+            kernel_s = _profile(runner, out, dev, f"{case.label} [{variant}]") if profile else None
+            rows.append((variant, case, host_s, dev_s, kernel_s, flops, nbytes))
+            click.echo(f"{variant:15s} {case.label:28s} host {host_s * 1e3:7.2f} ms  "
+                       f"GPU span {dev_s * 1e3:7.2f} ms", err=True)
     peak_f = spec.peak_bf16_flops if spec else None
     peak_b = spec.peak_dram_bytes_per_s if spec else None
-    header = ("| step | tokens | step ms (host) | GPU span ms | kernel ms | TFLOP/s | MFU | GB/s | MBU |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+    header = ("| variant | step | tokens | step ms (host) | GPU span ms | kernel ms | TFLOP/s | MFU | GB/s "
+              "| MBU | MBU (host step) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = []
-    for case, host_s, dev_s, kernel_s, flops, nbytes in rows:
+    for variant, case, host_s, dev_s, kernel_s, flops, nbytes in rows:
         tf, gb = flops / dev_s / 1e12, nbytes / dev_s / 1e9
         mfu = f"{flops / dev_s / peak_f:.1%}" if peak_f else "n/a"
         mbu = f"{nbytes / dev_s / peak_b:.1%}" if peak_b else "n/a"
+        mbu_host = f"{nbytes / host_s / peak_b:.1%}" if peak_b else "n/a"
         kern = f"{kernel_s * 1e3:.2f}" if kernel_s else "n/a"
-        lines.append(f"| {case.label} | {case.batch * case.tokens} | {host_s * 1e3:.2f} | "
-                     f"{dev_s * 1e3:.2f} | {kern} | {tf:.1f} | {mfu} | {gb:.0f} | {mbu} |")
+        lines.append(f"| {variant} | {case.label} | {case.batch * case.tokens} | {host_s * 1e3:.2f} | "
+                     f"{dev_s * 1e3:.2f} | {kern} | {tf:.1f} | {mfu} | {gb:.0f} | {mbu} | {mbu_host} |")
     peaks = (f"peaks {peak_f / 1e12:.0f} TFLOP/s bf16 dense, {peak_b / 1e12:.2f} TB/s "
              "(datasheet, phaselens/gpus.py)" if spec and peak_f and peak_b else "no GPU peak figures")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = "\n".join([
         f"\n## {when}: engine step times, {cfg.name} ({model.dtype}) on {name}",
         f"machine: {platform.node()}, {name}, torch {torch.__version__}; {peaks}. Median of {iters} steps "
-        f"after {warmup} warm-up; torch reference paged attention, eager mode. GPU span: CUDA events around "
-        "forward + sampling (includes launch gaps when the host is the bottleneck); kernel ms: summed kernel "
-        "time from the torch profiler (--profile); rates use the GPU span.",
+        f"after {warmup} warm-up. Variants: torch = torch reference attention, eager; triton = Triton paged "
+        "attention (kernels/paged_attention.py), eager; triton+graphs = decode replayed from a CUDA graph "
+        "(engine/cuda_graphs.py); triton-prefill = prefill chunks through the Triton kernel instead of SDPA "
+        "flash. GPU span: CUDA events around forward + sampling (includes launch gaps when the host is the "
+        "bottleneck); step ms (host): prepare + forward + sampling + reading the ids back; kernel ms: summed "
+        "kernel time from the torch profiler (--profile). Bytes and FLOPs: serving_shim/cost.py.",
         f"command: `python3 bench/engine_steps.py --preset {preset_name} --device {device} "
-        f"--prefill {prefill} --context {context} --batches {batches}{' --profile' if profile else ''}`",
+        f"--prefill {prefill} --context {context} --batches {batches} --variants {variants}"
+        f"{' --profile' if profile else ''}`",
         "", header, *lines, ""])
     click.echo(entry)
     if not no_results:

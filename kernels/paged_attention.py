@@ -166,9 +166,9 @@ def decode_splits(batch: int, kv_heads: int, max_len: int | None = None) -> int:
     return triton.next_power_of_2(splits) if splits > 1 else 1
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: ``q [B, heads, head_dim]`` -> ``[B, heads, head_dim]``.
 
     ``block_tables [B, >= blocks]`` (int32 or int64), ``seq_lens [B]``: keys each sequence attends to (its
@@ -255,9 +255,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, q_start_ptr, q_len_ptr, ct
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
-                      max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
+                      context_lens: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed prefill chunks in one launch, their own keys already stored in the cache.
 
     ``q [T, heads, hd]`` holds the chunks' query rows; chunk ``p`` starts at row ``query_starts[p]`` and has

@@ -178,7 +178,8 @@ def test_mixed_step_matches_reference_step(group: int) -> None:
 
     def meta() -> AttentionMetadata:
         return AttentionMetadata(block_size=BS, num_decodes=len(decodes), query_lens=qlens, context_lens=ctx,
-                                 slot_mapping=torch.tensor(slots, device=DEVICE), block_tables=_tables(tables),
+                                 slot_mapping=torch.tensor(slots, device=DEVICE),
+                                 block_tables=_tables(tables),
                                  decode_seq_lens=torch.tensor(lens[:len(decodes)], device=DEVICE))
 
     kc2, vc2 = pool.k.clone(), pool.v.clone()
