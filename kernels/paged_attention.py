@@ -257,7 +257,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, q_start_ptr, q_len_ptr, ct
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
-                      context_lens: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                      context_lens: torch.Tensor, max_query_len: int, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed prefill chunks in one launch, their own keys already stored in the cache.
 
     ``q [T, heads, hd]`` holds the chunks' query rows; chunk ``p`` starts at row ``query_starts[p]`` and has
