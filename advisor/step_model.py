@@ -573,7 +573,9 @@ def extrapolate_tp(
         prefill=prefill,
         decode=dec(base.decode),
         decode_large=None if base.decode_large is None else dec(base.decode_large),
-        knee=base.knee,
+        # a context knee (weight-read bound below, KV-read bound above) moves out as the KV splits over GPUs
+        knee=None if base.knee is None else (base.knee if base.knee_on == "batch" else int(base.knee / f)),
+        knee_on=base.knee_on,
         mixed=mixed,
         source=f"extrapolated from TP{base.tp} {base.source}",
     )

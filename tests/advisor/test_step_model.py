@@ -66,3 +66,16 @@ def test_tp_extrapolation_flagged():
     assert any("extrapolated" in f for f in model.flags)
     assert model.coefficients(4).source.startswith("extrapolated")
     assert model.coefficients(4).prefill.b < model.coefficients(1).prefill.b
+
+
+def test_context_knee_survives_tp_extrapolation():
+    from phaselens.advisor.step_model import Line3, StepCoefficients, extrapolate_tp
+
+    base = StepCoefficients(tp=1, prefill=Line3(0.005, 2e-5, 1e-9), decode=Line3(0.012, 0.0, 0.0),
+                            decode_large=Line3(0.0096, 1.3e-7, 7e-6), knee=9000, knee_on="context")
+    two = extrapolate_tp(base, 2, preset("llama-3.1-8b"))
+    assert two.knee_on == "context" and two.knee == 18000
+    # far above the knee the KV-read line applies, at half the per-token cost
+    big = two.decode_large
+    assert two.decode_time(64, 200_000) == pytest.approx(big.a + 0.65e-7 * 200_000 + 64 * big.c)
+    assert two.decode_time(64, 200_000) > 2 * two.decode_time(4, 8000)
