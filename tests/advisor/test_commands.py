@@ -158,3 +158,26 @@ def test_slo_no_configuration_can_meet_is_inconsistent(inputs):
         "1",
     )
     assert "inconsistent SLOs for this workload" in out
+
+
+def test_ttft_overhead_estimated_from_the_request_log(tmp_path):
+    from phaselens.advisor.commands import estimate_ttft_overhead
+    from phaselens.advisor.step_model import StepModel
+    from phaselens.advisor.workload import Workload
+
+    model = StepModel.fit(synth_steps())
+    co = model.coefficients(1)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(100, 2000, 200)
+    log = write_request_log(tmp_path / "r.jsonl", prompt, [50] * 200, rate=2.0)
+    # rewrite first-token times: 30 ms outside the steps + the prefill + some queueing
+    lines = []
+    for line, p in zip(log.read_text().splitlines(), prompt):
+        rec = json.loads(line)
+        wait = float(rng.exponential(0.02)) if rng.random() < 0.5 else 0.0
+        ttft = 0.030 + co.prefill_time(float(p), float(p) ** 2) + wait
+        rec["first_token_ns"] = rec["arrival_ns"] + int(ttft * 1e9)
+        lines.append(json.dumps(rec))
+    log.write_text("\n".join(lines) + "\n")
+    overhead = estimate_ttft_overhead(model, Workload.from_request_log(log), 1)
+    assert overhead == pytest.approx(0.030, abs=0.004)
