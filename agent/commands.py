@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -118,10 +117,20 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True,
               envvar="PHASELENS_PORT",
               help="HTTP port of /metrics and /health.")
-def agent(**kw: Any) -> None:
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="PHASELENS_RECORD", help="Also write a trace (steps and every sample) to this file.")
+def agent(record_path: Path | None, **kw: Any) -> None:
     """Run the node agent: sample GPUs, receive phases, attribute, serve /metrics and /health."""
     cfg = _config(**kw)
     daemon = _build(cfg)
+    if record_path is not None:
+        from phaselens.trace import TraceWriter
+
+        try:
+            daemon.record_to(TraceWriter(record_path))
+        except OSError as exc:
+            daemon.close()
+            raise click.BadParameter(f"cannot write {record_path}: {exc}", param_hint="--record") from None
     _start_receiver(daemon, cfg)
     from phaselens.agent.daemon import make_http_server
 
@@ -148,8 +157,7 @@ def agent(**kw: Any) -> None:
               envvar="PHASELENS_DURATION_S", help="Stop after this long (default: until Ctrl-C).")
 def record(output: Path, duration_s: float | None, **kw: Any) -> None:
     """Record a trace: meta, the steps the shims send, and every sample, as JSON Lines in OUTPUT."""
-    from phaselens.trace import GpuInfo, MetaRecord, TraceWriter
-    from phaselens.gpus import find_gpu_spec
+    from phaselens.trace import TraceWriter
 
     cfg = _config(**kw)
     daemon = _build(cfg)
@@ -158,24 +166,8 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
     except OSError as exc:
         daemon.close()
         raise click.BadParameter(f"cannot write {output}: {exc}", param_hint="OUTPUT") from None
-    gpus = []
-    for g in daemon.gpus.values():
-        spec = find_gpu_spec(g.name)
-        gpus.append(GpuInfo(g.uuid, max(g.index, 0), g.name, spec.peak_bf16_flops if spec else None,
-                            spec.peak_dram_bytes_per_s if spec else None))
-    writer.write(MetaRecord(host=socket.gethostname(), gpus=tuple(gpus)))
-    if daemon.receiver is not None:
-        daemon.receiver.on_step = writer.write
-    _start_receiver(daemon, cfg)  # after on_step is set: no step arrives unrecorded
-    original_sample = daemon.sample
-
-    def sample_and_write(now: int) -> list:
-        got = original_sample(now)
-        for rec in got:
-            writer.write(rec)
-        return got
-
-    setattr(daemon, "sample", sample_and_write)  # the recorder sees every poll, stale ones included
+    daemon.record_to(writer)
+    _start_receiver(daemon, cfg)  # after record_to: no step arrives unrecorded
     daemon.config.attribute_interval_s = 1e9  # recording only; attribution happens offline
     _stop_on_signals(daemon.stop)
     if duration_s is not None:

@@ -22,7 +22,7 @@ from phaselens.agent.receiver import PhaseReceiver
 from phaselens.agent.state import AgentState, GpuAttribution, GpuIdentity, SamplerHealth
 from phaselens.agent.timeline import Timeline
 from phaselens.gpus import GpuSpec, find_gpu_spec
-from phaselens.trace import SampleRecord
+from phaselens.trace import GpuInfo, MetaRecord, SampleRecord, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class AgentDaemon:
                  samplers: list[tuple[Any, float]], gpus: list[GpuIdentity],
                  receiver: PhaseReceiver | None = None, clock: Callable[[], int] = time.time_ns):
         self.config, self.state, self.timeline, self.receiver = config, state, timeline, receiver
+        #: set by :meth:`record_to`: every step received and every poll (stale ones included) is written
+        self.recorder: TraceWriter | None = None
         self.clock = clock
         self.samplers = [_Scheduled(s, int(interval_ms * 1e6)) for s, interval_ms in samplers]
         self.attributor = Attributor(AttributionConfig(method=config.method, horizon_s=config.horizon_s))
@@ -108,12 +110,16 @@ class AgentDaemon:
             for rec in got:
                 self.state.update_raw(rec.gpu_uuid, rec.values)
                 self._learn_gpu(rec.gpu_uuid)
+                if self.recorder is not None:
+                    self.recorder.write(rec)
             out.extend(got)
             steps_due = getattr(sampler, "steps_due", None)
             if steps_due is not None:
                 for step in steps_due():
                     self.timeline.add_step(step)
                     self.state.observe_step(step)
+                    if self.recorder is not None:
+                        self.recorder.write(step)
         return out
 
     def attribute(self, now: int) -> list[GpuAttribution]:
@@ -151,6 +157,20 @@ class AgentDaemon:
             self.specs[ident.uuid] = spec
         return self.specs[ident.uuid]
 
+    def record_to(self, writer: TraceWriter) -> None:
+        """Write a trace from now on: a meta record naming the GPUs, then every step and every sample.
+
+        Call before the receiver starts, so that no step arrives unrecorded."""
+        gpus = []
+        for g in self.gpus.values():
+            spec = find_gpu_spec(g.name)
+            gpus.append(GpuInfo(g.uuid, max(g.index, 0), g.name, spec.peak_bf16_flops if spec else None,
+                                spec.peak_dram_bytes_per_s if spec else None))
+        writer.write(MetaRecord(host=self.config.hostname, gpus=tuple(gpus)))
+        self.recorder = writer
+        if self.receiver is not None:
+            self.receiver.on_step = writer.write
+
     # ---------------------------------------------------------------- running
 
     def start_receiver(self) -> None:
@@ -181,6 +201,8 @@ class AgentDaemon:
             close = getattr(sch.sampler, "close", None)
             if close is not None:
                 close()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 # ---------------------------------------------------------------- HTTP: /metrics and /health
@@ -248,19 +270,8 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
     known: set[str] | None = None
     uuids = config.gpus or None
     if config.source in ("gpm", "nvml"):
-        from phaselens.agent.samplers.gpm import GpmSampler
-        from phaselens.agent.samplers.nvml import NvmlSampler
-
-        nv = NvmlSampler(nvml=nvml, uuids=uuids)
-        if config.source == "gpm":
-            gpm = GpmSampler(nvml=nvml, uuids=uuids)
-            if not gpm.gpus:
-                raise ValueError("source 'gpm': no GPU here supports GPM (Hopper or newer); "
-                                 "use --source nvml or dcgm")
-            samplers.append((gpm, config.poll_interval_ms))
-        samplers.append((nv, config.nvml_interval_ms if config.source == "gpm" else config.poll_interval_ms))
-        gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name) for g in nv.gpus]
-        known = {g.uuid for g in gpus}
+        samplers, gpus = _nvml_samplers(config, nvml, uuids)
+        known = {g.uuid for g in gpus} if gpus else None
     elif config.source == "dcgm":
         from phaselens.agent.samplers.dcgm import DcgmSampler
 
@@ -290,3 +301,36 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
         with_receiver = False  # the steps come from the trace
     receiver = PhaseReceiver(config.socket_path, state, timeline, known_gpus=known) if with_receiver else None
     return AgentDaemon(config, state, timeline, samplers, gpus, receiver)
+
+
+def _nvml_samplers(config: AgentConfig, nvml: Any, uuids: list[str] | None
+                   ) -> tuple[list[tuple[Any, float]], list[GpuIdentity]]:
+    """The GPM and/or NVML samplers. If NVML cannot start (no driver, no GPU), they are deferred: the agent
+    serves its health metrics and retries (agent/samplers/deferred.py)."""
+    from phaselens.agent.samplers.deferred import DeferredSampler
+    from phaselens.agent.samplers.gpm import GpmSampler
+    from phaselens.agent.samplers.nvml import NvmlSampler
+
+    def make_gpm() -> GpmSampler:
+        gpm = GpmSampler(nvml=nvml, uuids=uuids)
+        if not gpm.gpus:
+            raise ValueError("source 'gpm': no GPU here supports GPM (Hopper or newer); "
+                             "use --source nvml or dcgm")
+        return gpm
+
+    factories: list[tuple[str, Callable[[], Any], float]] = [
+        ("nvml", lambda: NvmlSampler(nvml=nvml, uuids=uuids),
+         config.nvml_interval_ms if config.source == "gpm" else config.poll_interval_ms)]
+    if config.source == "gpm":
+        factories.insert(0, ("gpm", make_gpm, config.poll_interval_ms))
+    samplers: list[tuple[Any, float]] = []
+    for name, factory, interval_ms in factories:
+        try:
+            samplers.append((factory(), interval_ms))
+        except ValueError:
+            raise  # a configuration this hardware cannot have: strict at start-up
+        except Exception as exc:  # noqa: BLE001 - NVMLError (no driver, no GPU) is no OSError
+            samplers.append((DeferredSampler(name, factory, f"{type(exc).__name__}: {exc}"), interval_ms))
+    nv = samplers[-1][0]
+    gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name) for g in getattr(nv, "gpus", [])]
+    return samplers, gpus
