@@ -52,6 +52,7 @@ def to_dict(advice: Advice) -> dict[str, Any]:
             "robustness": advice.robustness,
             "gpus_needed_at_rate": advice.gpus_needed,
             "yearly_saving": advice.yearly_saving,
+            "not_recommended_because": advice.rejections,
             "finalists": {
                 k: (None if f is None else f.to_dict())
                 for k, f in (
@@ -179,7 +180,10 @@ def render_terminal(advice: Advice, console: Any = None) -> None:
     for k, checks in advice.robustness.items():
         con.print(f"robustness ({k}): " + ", ".join(f"{n} {v:.3g}" for n, v in checks.items()))
     verdict = advice.verdict.upper()
-    con.print(f"[bold]verdict: {verdict}[/bold]  (gain {advice.gain:+.1%} vs margin {advice.margin:.1%})")
+    con.print(f"[bold]verdict: {verdict}[/bold]  (best alternative's gain {advice.gain:+.1%} vs margin "
+              f"{advice.margin:.1%})")
+    for why in advice.rejections:
+        con.print(f"not recommended: {why}")
     if advice.yearly_saving is not None:
         con.print(f"yearly saving at ${cl.price_per_gpu_hour:g}/GPU-hour: ${advice.yearly_saving:,.0f}")
     for note in advice.notes:
@@ -315,6 +319,9 @@ def render_html(advice: Advice, steps: Sequence[StepRecord] = ()) -> str:
         f" Gain {advice.gain:+.1%} against a margin of {advice.margin:.1%}.</p>"
     )
     sections.append(f"<p><b>Rule.</b> {esc(advice.rule)}</p>")
+    if advice.rejections:
+        items = "".join(f"<li>not recommended: {esc(r)}</li>" for r in advice.rejections)
+        sections.append(f"<ul>{items}</ul>")
     rows = "".join(
         f"<tr><td>{'&#9888;' if r.triggered else ''}</td><td>{esc(r.code)}</td><td>{r.value:.3g}</td>"
         f"<td>{r.threshold:.3g}</td><td>{esc(r.text)}</td></tr>"

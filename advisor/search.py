@@ -114,6 +114,8 @@ class Advice:
     cluster: Cluster
     yearly_saving: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: why split / conditional were not recommended (each with its number)
+    rejections: list[str] = field(default_factory=list)
 
     @property
     def recommended(self) -> Finalist | None:
@@ -267,13 +269,16 @@ class Search:
 
     # ------------------------------------------------------------------ decision
 
-    def _closed_form_gain(self, workload: Workload, kind: str) -> float:
+    def _closed_form_gain(self, workload: Workload, kind: str, calibration: float = 1.0) -> float:
+        """Gain of the best ``kind`` over colocated in closed form on ``workload``; ``calibration`` is the
+        simulated/closed-form ratio of that gain's two terms at the nominal workload, so a closed form that is
+        biased for one mode does not decide the robustness check."""
         sc = self.screen(workload)
         colo = sc.colocated()
         other = sc.split() if kind == "split" else sc.conditional()
         if not colo or not other or colo[0].per_gpu <= 0:
             return -1.0
-        return other[0].per_gpu / colo[0].per_gpu - 1.0
+        return calibration * other[0].per_gpu / colo[0].per_gpu - 1.0
 
     def decide(
         self,
@@ -302,21 +307,37 @@ class Search:
             if fin is None:
                 return False
             checks: dict[str, float] = {}
+            calibration = 1.0
+            both = colo is not None and colo.per_gpu > 0 and colo.candidate.per_gpu > 0
+            if both and fin.candidate.per_gpu > 0:
+                assert colo is not None
+                calibration = (fin.per_gpu / fin.candidate.per_gpu) / (colo.per_gpu / colo.candidate.per_gpu)
+            checks["closed-form calibration"] = calibration
             for f in (1 - PERTURBATION, 1 + PERTURBATION):
-                checks[f"prompt x{f:g} gain"] = self._closed_form_gain(self.workload.scaled_prompts(f), kind)
-            ok = all(v > margin for v in checks.values())
+                checks[f"prompt x{f:g} gain"] = self._closed_form_gain(self.workload.scaled_prompts(f), kind,
+                                                                       calibration)
+            ok = all(v > margin for k, v in checks.items() if k.endswith("gain"))
+            if not ok:
+                failed = [f"{k} {v:+.1%}" for k, v in checks.items() if k.endswith("gain") and v <= margin]
+                rejections.append(f"{kind} fails the prompt-length check: " + ", ".join(failed))
             for f in (1 - PERTURBATION, 1 + PERTURBATION):
                 a = self._gpus_needed(sc, fin, rate * f)
                 b = self._gpus_needed(sc, colo, rate * f) if colo else None
                 checks[f"rate x{f:g} GPUs {kind}"] = float(a) if a is not None else math.inf
                 checks[f"rate x{f:g} GPUs colocated"] = float(b) if b is not None else math.inf
-                ok = ok and a is not None and (b is None or a <= b)
+                if a is None or (b is not None and a > b):
+                    ok = False
+                    rejections.append(f"{kind} needs {a} GPUs against colocated's {b} at rate x{f:g}")
             robustness[kind] = checks
             return ok
 
+        rejections: list[str] = []
         split_gain, cond_gain = gain(split), gain(cond)
         split_ok = split_gain > margin and robust("split", split)
         cond_ok = cond_gain > margin and robust("conditional", cond)
+        for kind, g in (("split", split_gain), ("conditional", cond_gain)):
+            if -1.0 < g <= margin:
+                rejections.append(f"{kind} gains {g:+.1%}, not more than the {margin:.1%} margin")
         if split_ok and (not cond_ok or split_gain >= cond_gain):
             verdict, best_gain = "split", split_gain
         elif cond_ok:
@@ -361,6 +382,7 @@ class Search:
             self.cluster,
             saving,
             notes,
+            rejections if verdict == "colocated" else [r for r in rejections if not r.startswith(verdict)],
         )
 
     def _gpus_needed(self, sc: Screen, fin: Finalist | None, rate: float) -> int | None:
