@@ -89,12 +89,22 @@ def _check_device(device: str, workers: int) -> None:
               help="Also write each worker's step records here ({worker} in the name, else .wN is added).")
 @click.option("--no-shim", is_flag=True, help="Do not emit phase step records.")
 @click.option("--worker-start-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
+@click.option("--mode", "start_mode", type=click.Choice(["colocated", "split"]), default="colocated",
+              show_default=True, help="Start colocated, or split into --prefill and --decode pools.")
+@click.option("--prefill", type=click.IntRange(min=1), default=None, help="Prefill workers (--mode split).")
+@click.option("--decode", type=click.IntRange(min=1), default=None, help="Decode workers (--mode split).")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False), default=None,
+              help="Turn the admin API (/admin/mode) on with the bearer token in this file "
+                   "(or set PHASELENS_ADMIN_TOKEN); without a token the admin API is off.")
+@click.option("--admin-remote", is_flag=True,
+              help="Accept admin calls from other hosts too (default: this machine only).")
 def serve(model: str | None, preset: str | None, workers: int, device: str, host: str, port: int,
           served_model_name: str | None, request_log: str | None, max_queue: int, max_num_seqs: int,
           max_num_batched_tokens: int, block_size: int, num_kv_blocks: int | None,
           gpu_memory_utilization: float, max_model_len: int | None, no_prefix_caching: bool, seed: int,
           shim_socket: str | None, shim_jsonl: str | None, no_shim: bool,
-          worker_start_timeout: float) -> None:
+          worker_start_timeout: float, start_mode: str, prefill: int | None, decode: int | None,
+          admin_token_file: str | None, admin_remote: bool) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from phaselens.engine.config import PRESETS
 
@@ -111,6 +121,19 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     _check_device(device, workers)
+    if start_mode == "split":
+        if prefill is None or decode is None:
+            raise click.BadParameter("--mode split needs --prefill N and --decode N", param_hint="--mode")
+        if prefill + decode > workers:
+            raise click.BadParameter(f"--prefill {prefill} + --decode {decode} = {prefill + decode} workers, "
+                                     f"but --workers is {workers}", param_hint="--prefill/--decode")
+    elif prefill is not None or decode is not None:
+        raise click.BadParameter("--prefill/--decode apply to --mode split only", param_hint="--mode")
+    admin_token = None
+    if admin_token_file is not None or os.environ.get("PHASELENS_ADMIN_TOKEN", "").strip():
+        from phaselens.engine.mode_cli import read_token
+
+        admin_token = read_token(admin_token_file)
     engine_args = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, num_kv_blocks=num_kv_blocks,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
@@ -123,14 +146,22 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
     config = ServerConfig(model=name, served_model_name=served_model_name,
                           workers=build_worker_configs(name, workers, device, engine_args, shim_jsonl),
                           max_queue=max_queue, request_log=request_log,
-                          worker_start_timeout_s=worker_start_timeout)
+                          worker_start_timeout_s=worker_start_timeout, admin_token=admin_token,
+                          admin_remote=admin_remote)
     server = APIServer(config, tokenizer=source.tokenizer())
     try:
         server.start()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"phaselens serve: {server.model_name} on {len(server.workers)} worker(s) ({device}), "
-               f"max context {server.max_model_len}; listening on http://{host}:{port}", err=True)
+    if start_mode == "split":
+        try:
+            server.change_mode("split", prefill, decode)
+        except (RuntimeError, ValueError) as exc:  # a worker failed the split's health check
+            server.stop()
+            raise click.ClickException(f"cannot start in split mode: {exc}") from None
+    click.echo(f"phaselens serve: {server.model_name} on {len(server.workers)} worker(s) ({device}, "
+               f"{server.mode}), max context {server.max_model_len}; listening on http://{host}:{port}"
+               f"{'; admin API on' if admin_token else ''}", err=True)
     try:
         uvicorn.run(server.app, host=host, port=port, log_level="warning", access_log=False)
     finally:

@@ -763,9 +763,9 @@ class APIServer:
             try:
                 body = ModeRequest.model_validate_json(await request.body())
             except ValidationError as exc:
-                first = exc.errors()[0] if exc.errors() else {}
-                where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-                raise _bad(f"invalid mode request: {where}: {first.get('msg', 'invalid')}",
+                errors = exc.errors()
+                where = (".".join(str(p) for p in errors[0]["loc"]) if errors else "") or "body"
+                raise _bad(f"invalid mode request: {where}: {errors[0]['msg'] if errors else 'invalid'}",
                            param=where) from None
             try:
                 return await asyncio.get_running_loop().run_in_executor(

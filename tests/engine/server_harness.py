@@ -66,3 +66,38 @@ class LiveServer:
             self._uvicorn.should_exit = True
             self._thread.join(15)
         self.api.stop()
+
+
+# -- split mode: a fake engine that can take roles (its KV handle is a stand-in: no block ever moves)
+
+HANDOFF_FAKE = "tests.engine.server_harness:build_handoff_fake"
+
+
+def handoff_fake_workers(n: int = 2, **engine_args: Any) -> list[WorkerConfig]:
+    """Fake-engine workers that announce a KV handle and answer mode changes; ``fail_role`` (a role name,
+    in the engine args of one worker) makes that worker refuse it, ``hang_s`` makes it answer that late."""
+    return [WorkerConfig(worker_id=f"w{i}", engine_args=dict(engine_args), engine_factory=HANDOFF_FAKE,
+                         heartbeat_s=0.1) for i in range(n)]
+
+
+def build_handoff_fake(config: WorkerConfig) -> Any:
+    from phaselens.engine.protocol import KVHandle
+    from tests.engine.fake_engine import FakeEngine
+
+    args = dict(config.engine_args)
+    fail_role = args.pop(f"fail_role_{config.worker_id}", None)
+    hang_s = float(args.pop(f"hang_s_{config.worker_id}", 0.0))
+    keys = ("step_s", "max_model_len", "num_kv_blocks", "block_size")
+
+    class HandoffFake(FakeEngine):
+        def kv_handle(self) -> KVHandle:
+            return KVHandle(worker_id=config.worker_id, kind="shm", shape=(1, 2, self.num_kv_blocks,
+                            self.block_size, 1, 1), dtype="torch.float32", device="cpu")
+
+        def set_role(self, role: Any, peers: tuple = ()) -> None:
+            if hang_s:
+                time.sleep(hang_s)  # a worker too slow to answer its health check
+            if fail_role == role.value:
+                raise RuntimeError(f"told to refuse the role {fail_role}")
+
+    return HandoffFake(**{k: v for k, v in args.items() if k in keys})

@@ -33,8 +33,9 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
 
 
 def _complete(url: str, prompt: list[int], max_tokens: int = 10) -> dict:
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
-                                                 "temperature": 0.0, "ignore_eos": True}, timeout=60)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
