@@ -13,7 +13,6 @@ commands (`phaselens agent`, `serve`, `load`, `advise`); the demo stops everythi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -122,7 +121,8 @@ def plan_run(preset: str, device: str) -> Plan:
         raise click.BadParameter(f"{device!r}: no CUDA GPU is visible here", param_hint="--device")
     gpu = bool(gpu_name)
     if preset == "auto":
-        preset = next(name for name, need in _PRESET_MEMORY_GIB if (need == 0 or (gpu and memory_gib >= need)))
+        preset = next(name for name, need in _PRESET_MEMORY_GIB if (
+            need == 0 or (gpu and memory_gib >= need)))
     return Plan(gpu=gpu, source="gpm" if gpu else "simulated", device="cuda:0" if gpu else "cpu",
                 preset=preset, gpu_name=gpu_name)
 
@@ -191,7 +191,8 @@ def _pct(value: float | None) -> str:
               help="TTFT target for the advisor (default: 2000 on CPU, 500 on a GPU).")
 @click.option("--tpot-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               help="TPOT target for the advisor (default: 100 on CPU, 50 on a GPU).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="phaselens-demo", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="phaselens-demo",
+              show_default=True,
               help="Where the report, trace, logs and demo.json go (emptied first).")
 @click.option("--quick", is_flag=True, help="A short run (tests, smoke checks).")
 @click.option("--keep-running", is_flag=True,
@@ -220,7 +221,8 @@ def demo(preset: str, device: str, num_requests: int, rate: float, fleet_gpus: i
     # SIGTERM (a container stop) takes the same way out as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = _run(plan, procs, out, run_dir, num_requests, rate, fleet_gpus, price, ttft_ms, tpot_ms, quick)
+        result = _run(plan, procs, out, run_dir, num_requests, rate,
+                      fleet_gpus, price, ttft_ms, tpot_ms, quick)
         (out / "demo.json").write_text(json.dumps(result, indent=2))
         if keep_running:
             click.echo("agent and engine keep running; Ctrl-C stops them")
@@ -252,7 +254,8 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
                     "engine's real steps, labelled source=\"simulated\").", fg="yellow")
     click.echo(f"engine: phaselens serve --preset {plan.preset} on {plan.device}; outputs in {out}/")
 
-    agent_args = py + ["agent", "--source", plan.source, "--socket-path", sock, "--listen-address", "127.0.0.1",
+    agent_args = py + ["agent", "--source", plan.source, "--socket-path", sock,
+                       "--listen-address", "127.0.0.1",
                        "--port", str(agent_port), "--attribute-interval-s", "1", "--horizon-s", "300",
                        "--record", str(out / "trace.jsonl")]
     procs.start("agent", agent_args, out / "agent.log")
@@ -267,9 +270,11 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
 
     # Long prompts (RAG-like) and short answers, so that prefill time adds up to enough counter windows for
     # the attribution to speak of prefill and mixed steps too, not only decode.
-    load_args = py + ["load", "--url", engine_url, "-n", str(num_requests), "--rate", str(rate), "--seed", "0",
+    load_args = py + ["load", "--url", engine_url, "-n", str(num_requests), "--rate", str(rate),
+                      "--seed", "0",
                       "--prompt-median", "1000", "--prompt-max", "1900", "--output-median", "48",
-                      "--output-max", "128", "--slo-ttft", str(ttft_ms / 1e3), "--slo-tpot", str(tpot_ms / 1e3),
+                      "--output-max", "128", "--slo-ttft", str(ttft_ms /
+                                                               1e3), "--slo-tpot", str(tpot_ms / 1e3),
                       "--json", str(out / "load.json")]
     click.echo(f"load: {num_requests} requests at {rate:g} req/s")
     subprocess.run(load_args, check=True)
@@ -279,9 +284,11 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
     click.echo("")
     print_split(split)
 
-    advise_args = py + ["advise", "--trace", str(out / "steps.jsonl"), "--request-log", str(out / "requests.jsonl"),
+    advise_args = py + ["advise", "--trace", str(out / "steps.jsonl"),
+                        "--request-log", str(out / "requests.jsonl"),
                         "--preset", plan.preset, "--gpus", str(fleet_gpus), "--price", str(price),
-                        "--ttft-ms", str(ttft_ms), "--tpot-ms", str(tpot_ms), "--html", str(out / "report.html"),
+                        "--ttft-ms", str(ttft_ms), "--tpot-ms", str(tpot_ms),
+                        "--html", str(out / "report.html"),
                         "--seeds", "1", "--requests", "300" if quick else "1000", "--json"]
     # On CPU the step times are the tiny model's on this CPU; the fleet plan still needs a GPU's memory and
     # peaks, and says which one it assumed.
@@ -296,7 +303,8 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
         if not plan.gpu:
             click.echo(f"\n(CPU run: step times are {plan.preset}'s on this CPU; GPU memory and peaks of an "
                        f"{_CPU_PLAN_GPU} assumed for the fleet plan)")
-        click.echo(f"\nadvisor, {fleet_gpus} GPUs at ${price:g}/GPU-hour, TTFT {ttft_ms:g} ms / TPOT {tpot_ms:g} ms:"
+        click.echo(f"\nadvisor, {fleet_gpus} GPUs at ${price:g}/GPU-hour, "
+                   f"TTFT {ttft_ms:g} ms / TPOT {tpot_ms:g} ms:"
                    f" {str(advice['verdict']).upper()}"
                    + (f" (split gain {gain * 100:+.0f}% vs margin {advice['margin'] * 100:.0f}%)"
                       if isinstance(gain, (int, float)) else ""))
@@ -307,7 +315,8 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
         click.secho(f"advisor could not decide: {advice_run.stderr.strip().splitlines()[-1:]}", fg="yellow")
 
     click.echo(f"\nHTML report   {out / 'report.html'}")
-    click.echo(f"trace         {out / 'trace.jsonl'} (steps and samples; steps alone in {out / 'steps.jsonl'})")
+    click.echo(
+        f"trace         {out / 'trace.jsonl'} (steps and samples; steps alone in {out / 'steps.jsonl'})")
     click.echo(f"metrics       {agent_url}/metrics (agent), {engine_url}/metrics (engine) while the demo runs"
                " (--keep-running leaves them up)")
     load_summary = json.loads((out / "load.json").read_text()).get("summary", {})
