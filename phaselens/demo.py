@@ -273,8 +273,8 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
     load_args = py + ["load", "--url", engine_url, "-n", str(num_requests), "--rate", str(rate),
                       "--seed", "0",
                       "--prompt-median", "1000", "--prompt-max", "1900", "--output-median", "48",
-                      "--output-max", "128", "--slo-ttft", str(ttft_ms /
-                                                               1e3), "--slo-tpot", str(tpot_ms / 1e3),
+                      "--output-max", "128",
+                      "--slo-ttft", str(ttft_ms / 1e3), "--slo-tpot", str(tpot_ms / 1e3),
                       "--json", str(out / "load.json")]
     click.echo(f"load: {num_requests} requests at {rate:g} req/s")
     subprocess.run(load_args, check=True)
