@@ -222,6 +222,7 @@ def advise(
         else:
             trace.meta = trace.meta or part.meta
             trace.steps.extend(part.steps)
+            trace.samples.extend(part.samples)
     trace_path = ", ".join(trace_paths)
     if gpu_name is None and trace is not None and trace.meta is not None and trace.meta.gpus:
         gpu_name = trace.meta.gpus[0].name
@@ -310,7 +311,8 @@ def advise(
     else:
         report.render_terminal(advice)
     if html_path:
-        out = report.write_html(advice, html_path, trace.steps if trace else ())
+        steps, samples = (trace.steps, trace.samples) if trace else ([], [])
+        out = report.write_html(advice, html_path, steps, samples)
         click.echo(f"wrote {out}", err=as_json)
     if metrics_file:
         Path(metrics_file).write_text(report.metrics_text(advice), encoding="utf-8")

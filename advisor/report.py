@@ -19,7 +19,7 @@ import numpy as np
 
 from phaselens.advisor.search import Advice, Finalist
 from phaselens.phase import Phase
-from phaselens.trace import StepRecord
+from phaselens.trace import SampleRecord, StepRecord
 
 # ---------------------------------------------------------------------- JSON
 
@@ -300,6 +300,37 @@ def phase_share_over_time(steps: Sequence[StepRecord], bins: int = 60) -> dict[s
     return share
 
 
+def phase_utilization_over_time(steps: Sequence[StepRecord], samples: Sequence[SampleRecord],
+                                metric: str = "sm_active", slices: int = 8) -> dict[str, np.ndarray]:
+    """The agent's per-phase attribution (``unmix``) over consecutive slices of a recorded trace: ``metric``
+    while prefill runs and while decode runs, per slice end (s). Empty when the trace has no counter samples
+    or a slice has too few windows ("not enough data" stays a gap, never a guess)."""
+    from phaselens.agent.attribution import AttributionConfig, Attributor
+    from phaselens.agent.state import GpuIdentity
+
+    if not samples or not steps:
+        return {}
+    uuid = samples[0].gpu_uuid
+    own = [s for s in samples if s.gpu_uuid == uuid]
+    t0 = min(s.t_ns for s in own)
+    t1 = max(s.t_ns for s in own)
+    span = (t1 - t0) / 1e9
+    if span <= 0:
+        return {}
+    horizon = span / slices
+    attributor = Attributor(AttributionConfig(horizon_s=horizon, min_windows=10))
+    gpu = GpuIdentity(uuid=uuid, index=0, name="")
+    out: dict[str, list[float]] = {"t_s": [], "prefill": [], "decode": []}
+    for k in range(1, slices + 1):
+        now = t0 + int(k * horizon * 1e9)
+        res = attributor.attribute(gpu, steps, own, now_ns=now)
+        out["t_s"].append((now - t0) / 1e9)
+        for phase, key in ((Phase.PREFILL, "prefill"), (Phase.DECODE, "decode")):
+            pv = res.phases.get(phase)
+            out[key].append(pv.values.get(metric, math.nan) if pv is not None else math.nan)
+    return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
 def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v = np.sort(values[np.isfinite(values)])
     if not len(v):
@@ -307,7 +338,8 @@ def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v * 1e3, np.arange(1, len(v) + 1) / len(v)
 
 
-def render_html(advice: Advice, steps: Sequence[StepRecord] = ()) -> str:
+def render_html(advice: Advice, steps: Sequence[StepRecord] = (),
+                samples: Sequence[SampleRecord] = ()) -> str:
     """A self-contained HTML report (inline SVG plots)."""
     data = to_dict(advice)
     esc = html.escape
@@ -344,6 +376,19 @@ def render_html(advice: Advice, steps: Sequence[StepRecord] = ()) -> str:
                 "share",
             )
         )
+    try:
+        util = phase_utilization_over_time(steps, samples)
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:  # report, never crash
+        util = {}
+        sections.append(f"<p>Agent attribution over time unavailable: {esc(str(exc))}</p>")
+    if util and np.isfinite(util["prefill"]).any() and np.isfinite(util["decode"]).any():
+        sections.append(
+            _svg_lines(
+                [("prefill", "#d62728", util["t_s"], util["prefill"]),
+                 ("decode", "#1f77b4", util["t_s"], util["decode"])],
+                "SM active while each phase runs (agent attribution, unmix)", "time (s)", "sm_active"))
+    elif samples:
+        sections.append("<p>Agent attribution over time: not enough counter windows per slice.</p>")
     bars = []
     for c in advice.screen_candidates[:40]:
         color = {"colocated": "#7f7f7f", "split": "#2ca02c", "conditional": "#ff7f0e"}[c.placement.kind]
@@ -405,9 +450,10 @@ def render_html(advice: Advice, steps: Sequence[StepRecord] = ()) -> str:
     )
 
 
-def write_html(advice: Advice, path: str | Path, steps: Sequence[StepRecord] = ()) -> Path:
+def write_html(advice: Advice, path: str | Path, steps: Sequence[StepRecord] = (),
+               samples: Sequence[SampleRecord] = ()) -> Path:
     path = Path(path)
-    path.write_text(render_html(advice, steps), encoding="utf-8")
+    path.write_text(render_html(advice, steps, samples), encoding="utf-8")
     return path
 
 

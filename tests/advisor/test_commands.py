@@ -181,3 +181,24 @@ def test_ttft_overhead_estimated_from_the_request_log(tmp_path):
     log.write_text("\n".join(lines) + "\n")
     overhead = estimate_ttft_overhead(model, Workload.from_request_log(log), 1)
     assert overhead == pytest.approx(0.030, abs=0.004)
+
+
+def test_html_shows_agent_attribution_from_a_recorded_h100_trace(tmp_path):
+    """A `phaselens record`-style trace (steps + GPM samples from the H100) gives the two lines."""
+    from pathlib import Path
+
+    from phaselens.advisor.report import phase_utilization_over_time
+    from phaselens.trace import read_trace
+
+    trace = Path(__file__).parents[1] / "fixtures" / "attribution" / "regime_8b.jsonl"
+    tr = read_trace(trace)
+    util = phase_utilization_over_time(tr.steps, tr.samples)
+    pre, dec = util["prefill"], util["decode"]
+    assert np.isfinite(pre).sum() >= 4 and np.isfinite(dec).sum() >= 4
+    # prefill keeps the SMs busier than decode on this GPU
+    assert np.nanmedian(pre) > np.nanmedian(dec)
+    html = tmp_path / "report.html"
+    spec = "rate=5,prompt=lognormal:2000:0.5,output=lognormal:200:0.5"
+    res = run("--trace", str(trace), "--workload", spec, *BASE, "--html", str(html))
+    assert res.exit_code == 0, res.output
+    assert "SM active while each phase runs (agent attribution, unmix)" in html.read_text()
