@@ -2,8 +2,9 @@
 
 The stack, started once for this module, all on 127.0.0.1 with free ports:
 
-- the engine: ``phaselens serve --preset tiny`` (CPU), with a light stream of completions so its
-  latency histograms move;
+- the engine: ``phaselens serve --preset tiny`` (CPU) in split mode (one prefill and one decode worker,
+  so the KV hand-off panels have data), with a light stream of completions so its latency histograms
+  move;
 - the engine's shim sends its real steps to the agent's socket;
 - two real agents when ``phaselens agent`` exists: ``--source replay`` over a trace of two H100s
   written by ``tests/exporters/agent_harness.py`` (attribution, MFU/MBU), and ``--source simulated``
@@ -40,7 +41,6 @@ import yaml
 from click.testing import CliRunner
 
 from phaselens.cli import cli
-from phaselens.dashboards.common import SPLIT_MODE_ONLY
 from phaselens.dashboards.generator import PanelQuery, expand, load_dashboards, panel_queries
 from tests.exporters.agent_harness import write_trace
 
@@ -175,8 +175,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         agents, agent_kind = _agent_commands(tmp, sock)
         for name, (cmd, _) in agents.items():
             start(name, cmd)
-        # The engine's shim sends its real steps to the agent's socket (GPU-sim-0 on CPU).
-        start("engine", [sys.executable, "-m", "phaselens", "serve", "--preset", "tiny",
+        # The engine's shim sends its real steps to the agent's socket (GPU-sim-0 and GPU-sim-1 on CPU).
+        # Split mode: the prefill worker hands each request's KV to the decode worker (KV transfer panels).
+        start("engine", [sys.executable, "-m", "phaselens", "serve", "--preset", "tiny", "--workers", "2",
+                         "--mode", "split", "--prefill", "1", "--decode", "1",
                          "--port", str(engine_port), "--shim-socket", str(sock)])
         engine = f"http://127.0.0.1:{engine_port}"
         for name, (_, port) in agents.items():
@@ -244,10 +246,7 @@ def _all_queries() -> list[PanelQuery]:
 @pytest.mark.parametrize("panel", _all_queries(), ids=lambda q: f"{q.dashboard}:{q.panel}:{q.ref_id}")
 def test_every_dashboard_panel_returns_data(stack: Stack, panel: PanelQuery) -> None:
     expr = expand(panel.expr, rate_interval=RATE_INTERVAL)
-    split_only = SPLIT_MODE_ONLY in panel.description
-    # The test engine runs colocated: a split-mode panel gets one look (after the stack is warm), not the
-    # whole deadline.
-    end = stack.started + (15.0 if split_only else DATA_DEADLINE_S)
+    end = stack.started + DATA_DEADLINE_S
     result: list[dict[str, Any]] = []
     while True:
         result = stack.query(expr)
@@ -257,8 +256,6 @@ def test_every_dashboard_panel_returns_data(stack: Stack, panel: PanelQuery) -> 
         if time.monotonic() > end:
             break
         time.sleep(0.5)  # polling interval of a condition with a deadline
-    if split_only:
-        pytest.xfail(f"{panel.panel}: no data: the test engine runs colocated (no KV hand-off) ({expr})")
     pytest.fail(f"{panel.dashboard} / {panel.panel} / {panel.ref_id}: no finite data after "
                 f"{DATA_DEADLINE_S:g} s for {expr!r} (agent: {stack.agent_kind}); got {result!r}")
 
