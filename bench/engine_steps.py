@@ -14,6 +14,7 @@ Prints a table and appends it to bench/RESULTS.md (``--results FILE`` to write e
 
 from __future__ import annotations
 
+import importlib
 import platform
 import statistics
 import time
@@ -177,7 +178,7 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
                 runner.capture_decode_graphs(max(batch_sizes), -(-max_pos // block_size))
             runner.use_cuda_graphs = graphs
             if backend == "triton":
-                from phaselens.kernels import paged_attention as pa
+                pa = importlib.import_module("phaselens.kernels.paged_attention")
 
                 if default_sdpa_min is None:
                     default_sdpa_min = pa.PREFILL_SDPA_MIN_TOKENS
