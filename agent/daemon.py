@@ -74,6 +74,7 @@ class AgentDaemon:
         self.specs: dict[str, GpuSpec | None] = {}
         self._next_attr_ns = 0
         self._stop = threading.Event()
+        self._recorder_lock = threading.Lock()
         state.set_gpus(list(self.gpus.values()))
 
     # ---------------------------------------------------------------- the tick
@@ -110,16 +111,14 @@ class AgentDaemon:
             for rec in got:
                 self.state.update_raw(rec.gpu_uuid, rec.values)
                 self._learn_gpu(rec.gpu_uuid)
-                if self.recorder is not None:
-                    self.recorder.write(rec)
+                self._record(rec)
             out.extend(got)
             steps_due = getattr(sampler, "steps_due", None)
             if steps_due is not None:
                 for step in steps_due():
                     self.timeline.add_step(step)
                     self.state.observe_step(step)
-                    if self.recorder is not None:
-                        self.recorder.write(step)
+                    self._record(step)
         return out
 
     def attribute(self, now: int) -> list[GpuAttribution]:
@@ -169,7 +168,30 @@ class AgentDaemon:
         writer.write(MetaRecord(host=self.config.hostname, gpus=tuple(gpus)))
         self.recorder = writer
         if self.receiver is not None:
-            self.receiver.on_step = writer.write
+            self.receiver.on_step = self._record
+
+    def _record(self, rec: Any) -> None:
+        """Write one record to the trace, if recording. A write error (disk full, ...) stops the recording
+        with a logged error and phaselens_agent_recorder_failed 1; sampling, attribution and the receiver
+        go on (an exception here would end the loop or the receiving thread)."""
+        writer = self.recorder
+        if writer is None:
+            return
+        try:
+            writer.write(rec)
+        except (OSError, ValueError) as exc:  # ValueError: written after a close under us
+            with self._recorder_lock:
+                if self.recorder is not writer:
+                    return  # the other thread stopped it already
+                self.recorder = None
+                if self.receiver is not None:
+                    self.receiver.on_step = None
+            log.error("trace recorder stopped: cannot write: %s; the agent goes on without recording", exc)
+            self.state.recorder_failed(f"{type(exc).__name__}: {exc}")
+            try:
+                writer.close()
+            except OSError as close_exc:  # the buffered tail cannot be flushed either; the file is closed
+                log.debug("closing the failed trace: %s", close_exc)
 
     # ---------------------------------------------------------------- running
 
@@ -202,7 +224,11 @@ class AgentDaemon:
             if close is not None:
                 close()
         if self.recorder is not None:
-            self.recorder.close()
+            try:
+                self.recorder.close()
+            except OSError as exc:  # the last buffered records cannot be written (disk full)
+                log.error("trace recorder: closing failed: %s", exc)
+                self.state.recorder_failed(f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------- HTTP: /metrics and /health
@@ -216,7 +242,8 @@ def health(state: AgentState) -> tuple[int, dict[str, Any]]:
     ok = snap.started and bool(samplers) and all(s["success"] for s in samplers.values())
     status = "ok" if ok else ("starting" if not snap.started or not samplers else "degraded")
     body = {"status": status, "gpus": sorted(snap.gpus), "samplers": samplers,
-            "shim_received": snap.shim_received, "shim_rejected": snap.shim_rejected}
+            "shim_received": snap.shim_received, "shim_rejected": snap.shim_rejected,
+            "sampler_errors": snap.sampler_errors, "recorder_error": snap.recorder_error or None}
     return (200 if ok else 503), body
 
 

@@ -106,6 +106,10 @@ class AgentSnapshot:
     shim_received: int
     shim_rejected: dict[str, int]
     taken_ns: int
+    #: sampler name -> polls that failed (a lost GPU, an NVML timeout, an unreachable exporter, ...)
+    sampler_errors: dict[str, int] = field(default_factory=dict)
+    #: why the trace recorder stopped ("" while it writes, or when there is none)
+    recorder_error: str = ""
 
 
 class AgentState:
@@ -124,6 +128,8 @@ class AgentState:
         self._raw: dict[str, dict[str, float]] = defaultdict(dict)
         self._received = 0
         self._rejected: dict[str, int] = defaultdict(int)
+        self._sampler_errors: dict[str, int] = defaultdict(int)
+        self._recorder_error = ""
 
     # -- writers (the daemon)
 
@@ -164,6 +170,14 @@ class AgentState:
     def sampler_result(self, health: SamplerHealth) -> None:
         with self._lock:
             self._samplers[health.name] = health
+            # a failed poll is counted, not only shown: the next good poll resets the success gauge before
+            # a scrape may see it
+            self._sampler_errors[health.name] += 0 if health.success else 1
+
+    def recorder_failed(self, error: str) -> None:
+        """The trace recorder stopped (disk full, ...): exported as phaselens_agent_recorder_failed."""
+        with self._lock:
+            self._recorder_error = error
 
     def count_received(self, n: int = 1) -> None:
         with self._lock:
@@ -190,4 +204,6 @@ class AgentState:
                 shim_received=self._received,
                 shim_rejected=dict(self._rejected),
                 taken_ns=time.time_ns(),
+                sampler_errors=dict(self._sampler_errors),
+                recorder_error=self._recorder_error,
             )

@@ -115,7 +115,10 @@ class AgentCollector(Collector):
             fam["phaselens_sampler_success"].add_metric([host, name], 1.0 if health.success else 0.0)
             fam["phaselens_sampler_duration_seconds"].add_metric([host, name], health.duration_s)
             failed += 0 if health.success else 1
+            fam["phaselens_sampler_errors_total"].add_metric([host, name],
+                                                             float(snap.sampler_errors.get(name, 0)))
         fam["phaselens_agent_samplers_failed"].add_metric([host], float(failed))
+        fam["phaselens_agent_recorder_failed"].add_metric([host], 1.0 if snap.recorder_error else 0.0)
         fam["phaselens_shim_events_received_total"].add_metric([host], float(snap.shim_received))
         rejected = {reason: 0 for reason in self.rejection_reasons} | snap.shim_rejected
         for reason, n in sorted(rejected.items()):

@@ -79,6 +79,8 @@ class GpmSampler:
             self._current[gpu.uuid] = 0
             self._primed[gpu.uuid] = False
             self._updates[gpu.uuid] = deque(maxlen=9)
+        #: the last poll's transient error (a timeout, ...), "" when every live GPU answered
+        self.last_error = ""
         self._ids = {key: getattr(self.nvml, const) for key, const in GPM_FIELDS.items()
                      if hasattr(self.nvml, const)}
 
@@ -89,6 +91,7 @@ class GpmSampler:
     def sample(self) -> list[SampleRecord]:
         """One GPM delta per live GPU; values ``None`` when the counters had not refreshed."""
         out = []
+        self.last_error = ""
         for gpu in self.gpus:
             if gpu.failed:
                 continue
@@ -109,6 +112,7 @@ class GpmSampler:
             if is_lost(nv, exc):
                 mark_lost(self.name, gpu, str(exc))
             else:
+                self.last_error = f"sample of {gpu.uuid} failed: {exc}"
                 self.throttled.warning(f"sample {gpu.uuid}", "gpm sampler: sample of %s failed: %s",
                                        gpu.uuid, exc)
             return None
@@ -136,6 +140,7 @@ class GpmSampler:
             if is_lost(nv, exc):
                 mark_lost(self.name, gpu, str(exc))
             else:
+                self.last_error = f"metrics of {gpu.uuid} failed: {exc}"
                 self.throttled.warning(f"metrics {gpu.uuid}", "gpm sampler: metrics of %s failed: %s",
                                        gpu.uuid, exc)
             return None

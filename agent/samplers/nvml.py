@@ -32,6 +32,8 @@ class NvmlSampler:
         self.nvml.nvmlInit()
         self.gpus: list[SampledGpu] = select_gpus(enumerate_gpus(self.nvml), uuids, self.name)
         self.utilization_buffer = utilization_buffer
+        #: the last poll's transient error (a timeout, ...), "" when it read everything it could
+        self.last_error = ""
         #: per GPU, the newest utilization-buffer timestamp passed on (µs, NVML's unit)
         self._last_buffer_us: dict[str, int] = {g.uuid: 0 for g in self.gpus}
 
@@ -41,6 +43,7 @@ class NvmlSampler:
 
     def sample(self) -> list[SampleRecord]:
         out: list[SampleRecord] = []
+        self.last_error = ""
         for gpu in self.gpus:
             if not gpu.failed:
                 out.extend(self._sample_one(gpu))
@@ -57,7 +60,8 @@ class NvmlSampler:
                 raise _Lost(str(exc)) from None
             if is_unsupported(self.nvml, exc):
                 self.skipper.skip(gpu, key, str(exc))
-            else:
+            else:  # transient (a timeout, ...): this poll failed for the health metrics; retried next poll
+                self.last_error = f"{key} of {gpu.uuid} failed: {exc}"
                 self.throttled.warning(f"{key} {gpu.uuid}", "nvml sampler: %s of %s failed: %s", key,
                                        gpu.uuid, exc)
             return None
