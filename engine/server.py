@@ -526,6 +526,7 @@ class APIServer:
                 log.error("mode change to %s rolled back: %s", mode, record["error"])
                 raise ModeRolledBack(f"mode change to {mode!r} rolled back: {record['error']}")
             with self._lock:  # submit() and hand-offs see the old roles or the new, never a mix
+                record["in_flight"] = len(self._requests)
                 self.router.set_roles(plan)
                 for wid, role in plan.items():
                     if role is not None:
