@@ -9,12 +9,13 @@ use GPM on Hopper, so a value that did not change since the previous scrape is t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from phaselens.trace import SampleRecord
+from phaselens.trace import UTILIZATION_KEYS, SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,14 @@ class DcgmSampler:
                 if self.hostname and host is not None and host != self.hostname:
                     continue
                 key, scale = field
-                out.setdefault(uuid, {})[key] = float(s.value) * scale
+                v = float(s.value) * scale
+                # a NaN, an infinity, a negative reading or a ratio above 1 is a garbled page, not a
+                # measurement: it is left out and the poll fails (lenient while collecting, never silent)
+                if not math.isfinite(v) or v < 0 or (key in UTILIZATION_KEYS and v > 1.0 + 1e-9):
+                    self.last_error = f"garbled value {s.name}={s.value!r} for {uuid} from {self.url}"
+                    log.warning("dcgm sampler: %s; left out", self.last_error)
+                    continue
+                out.setdefault(uuid, {})[key] = v
         return out
 
 
