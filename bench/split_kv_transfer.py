@@ -61,6 +61,8 @@ class SplitPair:
                     max_num_batched_tokens=max(512, prompt_len), max_model_len=prompt_len + max_tokens + 16)
         if devices[0] == "cpu":
             args["num_kv_blocks"] = 4096
+        elif devices[0] == devices[1]:  # both workers on one GPU (a smoke check): half the memory each
+            args["gpu_memory_utilization"] = utilization / 2
         self.prefill = WorkerProcess(WorkerConfig("w0", Role.PREFILL, dict(args, device=devices[0])),
                                      self._on_event, self._on_exit)
         self.decode = WorkerProcess(WorkerConfig("w1", Role.DECODE, dict(args, device=devices[1])),
@@ -165,13 +167,18 @@ def _peer_copy_bw(nbytes: int, iters: int = 10) -> float:
 @click.option("--gpu-memory-utilization", type=click.FloatRange(0.1, 0.95), default=0.85, show_default=True)
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS,
               show_default=True)
-@click.option("--cpu-smoke", is_flag=True,
-              help="Run the same protocol with two CPU workers (shared memory) and print; no figures kept.")
+@click.option("--smoke", default=None, metavar="DEV0,DEV1",
+              help="Only check the protocol on these two devices (cpu,cpu; cuda:0,cuda:0 on one GPU) and "
+                   "print greedy equality and blocks moved; no figures kept.")
 def main(preset: str, prompt_len: int, requests: int, warmup: int, max_tokens: int,
-         gpu_memory_utilization: float, results: Path, cpu_smoke: bool) -> None:
+         gpu_memory_utilization: float, results: Path, smoke: str | None) -> None:
     """Time split mode's KV hand-off per request on two GPUs; append the figures to RESULTS.md."""
-    if cpu_smoke:
-        pair = SplitPair(preset, prompt_len, max_tokens, gpu_memory_utilization, ("cpu", "cpu"))
+    if smoke is not None:
+        devices = tuple(d.strip() for d in smoke.split(","))
+        if len(devices) != 2 or any(d != "cpu" and not d.startswith("cuda:") for d in devices):
+            raise click.BadParameter(f"{smoke!r}: expected two devices, e.g. cpu,cpu or cuda:0,cuda:0",
+                                     param_hint="--smoke")
+        pair = SplitPair(preset, prompt_len, max_tokens, gpu_memory_utilization, (devices[0], devices[1]))
         pair.start()
         try:
             rng = random.Random(0)
@@ -181,7 +188,9 @@ def main(preset: str, prompt_len: int, requests: int, warmup: int, max_tokens: i
             _, repeat = pair.run("r", check, max_tokens, split=True)
         finally:
             pair.stop()
-        click.echo(f"cpu smoke: same tokens {colocated == split}; moved {moved}; repeat {repeat}")
+        click.echo(f"smoke on {smoke}: same tokens {colocated == split}; moved {moved}; repeat {repeat}")
+        if colocated != split or moved is None or repeat is None or repeat.blocks_moved != 1:
+            raise click.ClickException("smoke check failed")
         return
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         raise click.UsageError(f"needs two CUDA GPUs; {torch.cuda.device_count()} visible")

@@ -84,21 +84,21 @@ class AdminClient:
             raise AdminError(f"cannot reach the engine at {self.base_url}: {reason}") from None
 
 
-def read_token(token_file: str | None) -> str:
+def read_token(token_file: str | None, param_hint: str = "--token-file") -> str:
     """The admin token from ``token_file``, else from ``PHASELENS_ADMIN_TOKEN``; BadParameter if neither."""
     if token_file is not None:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:
             raise click.BadParameter(f"cannot read {token_file!r}: {exc.strerror}",
-                                     param_hint="--token-file") from None
+                                     param_hint=param_hint) from None
         if not token:
-            raise click.BadParameter(f"{token_file!r} is empty", param_hint="--token-file")
+            raise click.BadParameter(f"{token_file!r} is empty", param_hint=param_hint)
         return token
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
-        raise click.BadParameter(f"no admin token: give --token-file or set {TOKEN_ENV}",
-                                 param_hint="--token-file")
+        raise click.BadParameter(f"no admin token: give {param_hint} or set {TOKEN_ENV}",
+                                 param_hint=param_hint)
     return token
 
 

@@ -133,7 +133,7 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
     if admin_token_file is not None or os.environ.get("PHASELENS_ADMIN_TOKEN", "").strip():
         from phaselens.engine.mode_cli import read_token
 
-        admin_token = read_token(admin_token_file)
+        admin_token = read_token(admin_token_file, "--admin-token-file")
     engine_args = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, num_kv_blocks=num_kv_blocks,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from phaselens.advisor.apply import apply_recommendation
 from phaselens.engine.mode_cli import mode as mode_cli
-from tests.engine.server_harness import LiveServer, fake_workers, handoff_fake_workers
+from tests.engine.server_harness import LiveServer, fake_workers, handoff_fake_workers, wait_for
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -103,8 +104,17 @@ def test_a_worker_failing_its_health_check_rolls_the_change_back() -> None:
 def test_a_worker_too_slow_for_its_health_check_rolls_the_change_back() -> None:
     workers = handoff_fake_workers(2, hang_s_w1=3.0)
     with LiveServer(workers, admin_token=TOKEN) as server:
-        r = httpx.post(f"{server.url}/admin/mode", headers=AUTH,
-                       json={"mode": "split", "prefill": 1, "decode": 1, "health_timeout_s": 0.5})
+        answers: list[httpx.Response] = []
+        first = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{server.url}/admin/mode", headers=AUTH, timeout=30,
+            json={"mode": "split", "prefill": 1, "decode": 1, "health_timeout_s": 1.0})))
+        first.start()
+        wait_for(server.api._mode_lock.locked, 10, "the first change to start")
+        # a second change while the first runs is refused, not queued
+        r = httpx.post(f"{server.url}/admin/mode", headers=AUTH, json={"mode": "colocated"})
+        assert r.status_code == 409 and _error(r)["code"] == "mode_change_in_progress"
+        first.join(30)
+        r = answers[0]
         assert r.status_code == 503 and "w1 did not answer its health check" in _error(r)["message"]
         assert httpx.get(f"{server.url}/admin/mode", headers=AUTH).json()["mode"] == "colocated"
 
