@@ -111,7 +111,7 @@ VARIANTS = {
     "torch": ("torch", False, None),  # the torch reference, eager (the engine before issue 7)
     "triton": ("triton", False, None),  # Triton attention, eager
     "triton+graphs": ("triton", True, None),  # what the engine runs on CUDA: decode replays a graph
-    "triton-prefill": ("triton", False, 1 << 30),  # prefill chunks through the Triton kernel, not SDPA
+    "sdpa-prefill": ("triton", False, 1),  # first prefill chunks through torch SDPA (flash), not Triton
 }
 
 
@@ -185,7 +185,7 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
                 pa.PREFILL_SDPA_MIN_TOKENS = sdpa_min if sdpa_min is not None else default_sdpa_min
         for case, out in built:
             if (graphs and case.tokens > 1) or (sdpa_min is not None and case.tokens == 1):
-                continue  # graphs change decode steps only; the Triton-prefill variant changes prefill only
+                continue  # graphs change decode steps only; the SDPA-prefill variant changes prefill only
             host_s, dev_s = _time_case(runner, out, dev, warmup, iters)
             flops, nbytes = step_cost(cfg, out.prefill_seqs(), out.decode_ctx(), dtype_bytes)
             kernel_s = _profile(runner, out, dev, f"{case.label} [{variant}]") if profile else None
@@ -213,10 +213,11 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
         f"machine: {platform.node()}, {name}, torch {torch.__version__}; {peaks}. Median of {iters} steps "
         f"after {warmup} warm-up. Variants: torch = torch reference attention, eager; triton = Triton paged "
         "attention (kernels/paged_attention.py), eager; triton+graphs = decode replayed from a CUDA graph "
-        "(engine/cuda_graphs.py); triton-prefill = prefill chunks through the Triton kernel instead of SDPA "
-        "flash. GPU span: CUDA events around forward + sampling (includes launch gaps when the host is the "
-        "bottleneck); step ms (host): prepare + forward + sampling + reading the ids back; kernel ms: summed "
-        "kernel time from the torch profiler (--profile). Bytes and FLOPs: serving_shim/cost.py.",
+        "(engine/cuda_graphs.py); sdpa-prefill = prompts' first chunks through torch SDPA (flash backend) "
+        "instead of the Triton kernel. GPU span: CUDA events around forward + sampling (includes launch "
+        "gaps when the host is the bottleneck); step ms (host): prepare + forward + sampling + reading the "
+        "ids back; kernel ms: summed kernel time from the torch profiler (--profile). Bytes and FLOPs: "
+        "serving_shim/cost.py.",
         f"command: `python3 bench/engine_steps.py --preset {preset_name} --device {device} "
         f"--prefill {prefill} --context {context} --batches {batches} --variants {variants}"
         f"{' --profile' if profile else ''}`",

@@ -44,10 +44,12 @@ class DecodeGraphs:
         self.sizes = sorted({s for s in CAPTURE_SIZES if s < max_batch} | {max_batch})
         self.max_batch, self.max_blocks = max_batch, max_blocks
         dev = model.device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.slots = torch.full((max_batch,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        # token ids, positions, cache slots and sequence lengths: one block, filled by one copy per step
+        self.block = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slots, self.seq_lens = self.block.unbind(0)
+        self.slots.fill_(-1)
+        #: what padded rows get for (slot, sequence length): skipped by the KV store, attend to nothing
+        self.pad = torch.tensor([[-1], [0]], dtype=torch.int64, device=dev).repeat(1, max_batch)
         self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -90,8 +92,12 @@ class DecodeGraphs:
         """The captured size a step of ``batch`` decodes replays, or None when it is larger than all."""
         return next((s for s in self.sizes if s >= batch), None)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states ``[B, hidden]`` of a decode-only step (``meta.num_decodes == B``), by replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            block: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, hidden]`` of a decode-only step (``meta.num_decodes == B``), by replay.
+
+        ``block``: the step's ``[4, B]`` ids, positions, slots and sequence lengths in one tensor, when the
+        runner packed them so (one copy instead of four)."""
         batch = input_ids.shape[0]
         size = self.padded_size(batch)
         if size is None or meta.num_decodes != batch or meta.decode_seq_lens is None:
@@ -99,14 +105,16 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         if width > self.max_blocks:
             raise ValueError(f"block tables of {width} blocks exceed the captured {self.max_blocks}")
-        self.input_ids[:batch].copy_(input_ids)
-        self.positions[:batch].copy_(positions)
-        self.slots[:batch].copy_(meta.slot_mapping)
-        self.seq_lens[:batch].copy_(meta.decode_seq_lens)
+        if block is not None:
+            self.block[:, :batch].copy_(block)
+        else:
+            self.input_ids[:batch].copy_(input_ids)
+            self.positions[:batch].copy_(positions)
+            self.slots[:batch].copy_(meta.slot_mapping)
+            self.seq_lens[:batch].copy_(meta.decode_seq_lens)
         self.tables[:batch, :width].copy_(meta.block_tables)
         if size > batch:
-            self.slots[batch:size].fill_(-1)
-            self.seq_lens[batch:size].zero_()
+            self.block[2:, batch:size].copy_(self.pad[:, :size - batch])
         self.graphs[size].replay()
         self.num_replays += 1
         return self.outputs[size][:batch]

@@ -30,6 +30,9 @@ class StepInputs:
     #: row of each sampled sequence's last token in the packed step
     sample_rows: torch.Tensor
     sample_index: list[int]  # index into the step's scheduled list
+    #: decode-only steps: ``[4, B]`` device rows (token ids, positions, cache slots, sequence lengths), the
+    #: block a CUDA graph's static inputs take in one copy
+    decode_block: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -58,10 +61,18 @@ class ModelRunner:
         return (g is not None and self.use_cuda_graphs and out.num_decodes == len(out.scheduled) > 0
                 and g.padded_size(len(out.scheduled)) is not None)
 
+    def _to_device(self, flat: list[int]) -> torch.Tensor:
+        host = torch.tensor(flat, dtype=torch.int64)
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Pack the step (host work, then one host-to-device copy)."""
         sched = out.scheduled
         num_seqs = len(sched)
+        if num_seqs and out.num_decodes == num_seqs:
+            return self._prepare_decode(out)
         qlens = [s.num_tokens for s in sched]
         ctx = [s.context_len for s in sched]
         tables = [s.seq.block_table for s in sched]
@@ -78,10 +89,7 @@ class ModelRunner:
         for t in tables:
             flat += t
             flat += [0] * (width - len(t))
-        host = torch.tensor(flat, dtype=torch.int64)
-        if self._pin:
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
+        dev = self._to_device(flat)
         n_tok, n_samp = len(tokens), len(sample_rows)
         input_ids, qlen_t, ctx_t, rows_t, table_t = dev.split(
             [n_tok, num_seqs, num_seqs, n_samp, num_seqs * width])
@@ -100,12 +108,38 @@ class ModelRunner:
                                  query_starts_dev=starts, query_lens_dev=qlen_t, context_lens_dev=ctx_t)
         return StepInputs(input_ids, positions, meta, rows_t, sample_index)
 
+    def _prepare_decode(self, out: SchedulerOutput) -> StepInputs:
+        """A decode-only step: one token per sequence, so positions and slots are a host integer each; no
+        device kernels to derive them (the step is a graph replay, launch count matters)."""
+        sched = out.scheduled
+        b, bs = len(sched), self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        for s in sched:
+            c, table = s.context_len, s.seq.block_table
+            ids.append(s.seq.token_ids[c])
+            pos.append(c)
+            slots.append(table[c // bs] * bs + c % bs)
+            lens.append(c + 1)
+        sample_index = [i for i, s in enumerate(sched) if s.samples]
+        width = max(len(s.seq.block_table) for s in sched)
+        flat = ids + pos + slots + lens + sample_index
+        for s in sched:
+            flat += s.seq.block_table
+            flat += [0] * (width - len(s.seq.block_table))
+        dev = self._to_device(flat)
+        block = dev[:4 * b].view(4, b)
+        rows_t = dev[4 * b:4 * b + len(sample_index)]
+        block_tables = dev[4 * b + len(sample_index):].view(b, width)
+        meta = AttentionMetadata(block_size=bs, num_decodes=b, query_lens=[1] * b, context_lens=pos,
+                                 slot_mapping=block[2], block_tables=block_tables, decode_seq_lens=block[3])
+        return StepInputs(block[0], block[1], meta, rows_t, sample_index, decode_block=block)
+
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, inputs: StepInputs) -> torch.Tensor:
         """Model forward and sampling; returns the sampled ids on the device (not read back)."""
         if self.replays(out):
             assert self.graphs is not None
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.decode_block)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         if not inputs.sample_index:

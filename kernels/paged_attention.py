@@ -31,11 +31,14 @@ from phaselens.kernels.attention import AttentionMetadata, dense_attention
 
 #: ``log2(e)``: softmax in base 2 (``exp(x) = exp2(x * log2 e)``)
 LOG2E = 1.4426950408889634
-#: keys per tile of the decode kernel
+#: keys per tile and warps of the decode kernel
 DECODE_BLOCK_N = 64
+DECODE_NUM_WARPS = 4
 #: query rows and keys per tile of the prefill kernel
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 2
 #: the decode kernel aims at this many programs (about two per SM of an H100: 132 SMs)
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 16
@@ -197,7 +200,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=bs, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-        BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, num_warps=4)
+        BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, num_warps=DECODE_NUM_WARPS)
     if splits > 1:
         _decode_reduce_kernel[(b, heads)](part_o, part_ml, out, out.stride(0), out.stride(1), HEAD_DIM=hd,
                                           BLOCK_D=block_d, SPLITS=splits, BLOCK_S=splits, num_warps=4)
@@ -280,14 +283,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=bs, GROUP=heads // kvh, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd),
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, num_warps=4, num_stages=2)
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, num_warps=PREFILL_NUM_WARPS,
+        num_stages=PREFILL_NUM_STAGES)
     return out
 
 
-#: a step whose prefill chunks all start a prompt (no cached prefix) and are at least this long runs them
-#: through torch SDPA (flash backend) one chunk each: long chunks are compute-bound, where FlashAttention-2's
-#: tuned kernel beats this file's; short or cached-prefix chunks go in one Triton launch
-PREFILL_SDPA_MIN_TOKENS = 1024
+#: None: every prefill chunk runs in the one Triton launch. A number: a step whose chunks all start a prompt
+#: (no cached prefix) and are at least this long runs them through torch SDPA instead, one call each (kept
+#: for A/B: on the H100 the Triton kernel took 134 us per 8B layer for a 2048-token chunk, SDPA's flash
+#: backend 203 us and cuDNN 124 us, and the whole 2048-token prefill step was 55.8 ms with Triton against
+#: 58.5 ms with flash; bench/RESULTS.md 2026-11-23, issue 7)
+PREFILL_SDPA_MIN_TOKENS: int | None = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -310,7 +316,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.decode_seq_lens, scale,
                          splits=meta.decode_splits, out=out[:nd])
     qlens, ctx = meta.query_lens[nd:], meta.context_lens[nd:]
-    if all(c == 0 for c in ctx) and min(qlens) >= PREFILL_SDPA_MIN_TOKENS:
+    sdpa_min = PREFILL_SDPA_MIN_TOKENS
+    if sdpa_min is not None and all(c == 0 for c in ctx) and min(qlens) >= sdpa_min:
         start = nd
         for n in qlens:
             out[start:start + n] = sdpa_prefill(q[start:start + n], k[start:start + n], v[start:start + n],

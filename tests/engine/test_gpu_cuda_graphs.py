@@ -86,4 +86,7 @@ def test_steps_do_not_synchronize_the_host() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert runner.graphs.num_replays == before + 1
-    assert [r.shape[0] for r in results] == [3, 3, 5]
+    # one id per sequence that samples (a prompt chunk samples only when it finishes its prompt)
+    want = [sum(s.samples for s in o.scheduled) for o in (prefill, mixed, decode)]
+    assert [r.shape[0] for r in results] == want
+    assert results[2].shape[0] == 5
