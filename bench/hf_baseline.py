@@ -79,8 +79,21 @@ def build_hf_model(cfg: ModelConfig, device: torch.device, seed: int):
     return hf.eval()
 
 
-def run_batch(hf, prompts: list[list[int]], outputs: list[int], device: torch.device) -> int:
-    """Generate one static batch; returns the steps it decoded (its longest output)."""
+def _deadline_criteria(deadline: float):  # -> transformers.StoppingCriteriaList
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            done = time.perf_counter() > deadline
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Deadline()])
+
+
+def run_batch(hf, prompts: list[list[int]], outputs: list[int], device: torch.device,
+              deadline: float | None = None) -> int:
+    """Generate one static batch; returns the steps it decoded (its longest output, or fewer when
+    ``deadline`` (a ``perf_counter`` time) passed first)."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.int64)
     mask = torch.zeros_like(ids)
@@ -90,10 +103,12 @@ def run_batch(hf, prompts: list[list[int]], outputs: list[int], device: torch.de
     steps = max(outputs)
     with torch.inference_mode():
         out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps,
-                          min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    if out.shape[1] != width + steps:
-        raise RuntimeError(f"generate returned {out.shape[1] - width} new tokens, expected {steps}")
-    return steps
+                          min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                          stopping_criteria=_deadline_criteria(deadline) if deadline is not None else None)
+    done = out.shape[1] - width
+    if done != steps and (deadline is None or time.perf_counter() <= deadline):
+        raise RuntimeError(f"generate returned {done} new tokens, expected {steps}")
+    return done
 
 
 @click.command()
@@ -106,9 +121,12 @@ def run_batch(hf, prompts: list[list[int]], outputs: list[int], device: torch.de
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Workload seed (the serving bench's).")
 @click.option("--weights-seed", type=int, default=0, show_default=True, help="The engine's model seed.")
+@click.option("--max-seconds", type=click.FloatRange(min=1), default=None,
+              help="Stop generating after this long (a cut batch counts the tokens made so far; that favours "
+                   "the baseline: static batching wastes most at the tail).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 def main(preset_name: str, device: str, num_requests: int, workload_requests: int, batch_size: int, seed: int,
-         weights_seed: int, json_out: str | None) -> None:
+         weights_seed: int, max_seconds: float | None, json_out: str | None) -> None:
     """Output tokens per second of HF generate with padded static batches on the serving workload."""
     import transformers
 
@@ -124,24 +142,32 @@ def main(preset_name: str, device: str, num_requests: int, workload_requests: in
                f"(transformers {transformers.__version__})")
     run_batch(hf, [r.prompt[:32] for r in reqs[:4]], [8] * 4, dev)  # warm-up, not counted
     torch.cuda.synchronize(dev)
-    useful = steps_total = 0
+    useful = steps_total = done_requests = 0
+    cut = False
     t0 = time.perf_counter()
+    deadline = t0 + max_seconds if max_seconds is not None else None
     for b in range(0, len(reqs), batch_size):
         batch = reqs[b:b + batch_size]
         tb = time.perf_counter()
-        steps = run_batch(hf, [r.prompt for r in batch], [r.max_tokens for r in batch], dev)
+        want = max(r.max_tokens for r in batch)
+        steps = run_batch(hf, [r.prompt for r in batch], [r.max_tokens for r in batch], dev, deadline)
         torch.cuda.synchronize(dev)
-        useful += sum(r.max_tokens for r in batch)
+        useful += sum(min(r.max_tokens, steps) for r in batch)
         steps_total += steps * len(batch)
+        done_requests += sum(r.max_tokens <= steps for r in batch)
         click.echo(f"batch {b // batch_size}: {len(batch)} requests, prompts padded to "
-                   f"{max(len(r.prompt) for r in batch)}, {steps} steps in {time.perf_counter() - tb:.1f} s",
-                   err=True)
+                   f"{max(len(r.prompt) for r in batch)}, {steps} of {want} steps in "
+                   f"{time.perf_counter() - tb:.1f} s", err=True)
+        if steps < want:
+            cut = True
+            break
     wall = time.perf_counter() - t0
     summary = {"preset": cfg.name, "gpu": torch.cuda.get_device_name(dev), "machine": platform.node(),
                "transformers": transformers.__version__, "torch": torch.__version__,
-               "requests": len(reqs), "batch_size": batch_size, "useful_output_tokens": useful,
+               "requests": len(reqs), "completed_requests": done_requests, "cut_at_deadline": cut,
+               "batch_size": batch_size, "useful_output_tokens": useful,
                "generated_tokens_incl_padding": steps_total, "wall_s": wall,
-               "output_token_throughput": useful / wall, "request_throughput": len(reqs) / wall,
+               "output_token_throughput": useful / wall, "request_throughput": done_requests / wall,
                "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     click.echo(json.dumps(summary, indent=1))
     if json_out:

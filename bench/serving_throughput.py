@@ -125,9 +125,11 @@ def main(preset: str, device: str, num_requests: int, seed: int, max_num_seqs: i
              f"{_ms(s['ttft_s']['p50'])}/{_ms(s['ttft_s']['p90'])} | "
              f"{_ms(s['tpot_s']['p50'])}/{_ms(s['tpot_s']['p90'])} |"]
     if hf:
+        cut = " cut at its time limit, tokens so far counted" if hf.get("cut_at_deadline") else ""
         lines.append(f"| HF transformers {hf['transformers']} generate, static batches of {hf['batch_size']} "
-                     f"(bench/hf_baseline.py, first {hf['requests']} requests) | {hf['requests']} | "
-                     f"{hf['requests']} | {hf['wall_s']:.1f} | {hf['output_token_throughput']:.0f} | "
+                     f"(bench/hf_baseline.py, first {hf['requests']} requests{cut}) | {hf['requests']} | "
+                     f"{hf.get('completed_requests', hf['requests'])} | {hf['wall_s']:.1f} | "
+                     f"{hf['output_token_throughput']:.0f} | "
                      f"{hf['request_throughput']:.2f} | - | - |")
         lines.append(f"\nRatio: {ratio:.2f}x HF generate (target >= 5x).")
     block = "\n".join(lines) + "\n"
