@@ -195,6 +195,9 @@ METRICS: tuple[MetricSpec, ...] = (
     _engine("phaselens_engine_kv_transfer_seconds", "histogram", "seconds",
             "Time to hand one request's KV cache from a prefill worker to a decode worker (split mode).",
             ENGINE_LABELS, buckets=KV_TRANSFER_BUCKETS_S, otel_name="phaselens.engine.kv_transfer.duration"),
+    _engine("phaselens_engine_kv_transfer_bytes_total", "counter", "bytes",
+            "Bytes of KV cache copied from prefill workers to decode workers (split mode).", ENGINE_LABELS,
+            otel_name="phaselens.engine.kv_transfer.size"),
     # engine metrics first proposed in engine/metrics.py (PROPOSED) by the engine's author, moved here as is
     _engine("phaselens_engine_time_per_output_token_seconds", "histogram", "seconds",
             "Per request: (finish - first token) / (output tokens - 1), the TPOT of SLOs.", ENGINE_LABELS,
