@@ -82,3 +82,17 @@ def test_agent_killed_and_restarted_while_the_engine_serves(tmp_path: Path) -> N
     assert failed == []
     print(f"agent restart: attribution resumed {resumed_s:.2f} s after the new agent served; "
           f"{len(statuses)} requests, all 200")
+
+
+@pytest.mark.xfail(strict=True, reason="engine/metrics.py exports nothing of the shim's own counters "
+                                       "(ShimStats.dropped/sent): with the agent down the engine's /metrics "
+                                       "does not show it; only Prometheus' up{} for the agent target does")
+def test_the_engine_shows_a_missing_agent_in_its_metrics(tmp_path: Path) -> None:
+    workers = tiny_workers(1, shim_enabled=True, shim_socket_path=str(tmp_path / "nobody-here.sock"))
+    with LiveServer(workers) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "no agent", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200  # the engine serves without its agent
+        metrics = parse_exposition(httpx.get(f"{srv.url}/metrics", timeout=10).text)
+    dropped = [v for (name, _), v in metrics.items() if "shim" in name and "drop" in name]
+    assert dropped and sum(dropped) > 0

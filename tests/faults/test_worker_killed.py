@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.engine.server_harness import LiveServer, fake_workers, wait_for
+from tests.faults.helpers import parse_exposition, value
 
 LONG = {"model": "tiny", "prompt": "a long answer", "max_tokens": 200, "ignore_eos": True}
 
@@ -50,8 +51,10 @@ def test_killed_worker_fails_only_its_requests_clearly_and_the_front_end_serves_
             results = list(pool.map(lambda _: httpx.post(f"{srv.url}/v1/completions", json=short,
                                                          timeout=60), range(16)))
         assert [r.status_code for r in results] == [200] * 16
-        failed = httpx.get(f"{srv.url}/metrics", timeout=10).text
-        assert 'status="error"' in failed  # the killed request is counted as an error, not lost
+        metrics = parse_exposition(httpx.get(f"{srv.url}/metrics", timeout=10).text)
+        # the fault in the health metrics: one worker alive of two; the killed request counted as an error
+        assert value(metrics, "phaselens_engine_workers_alive") == 1
+        assert value(metrics, "phaselens_engine_requests_total", status="error") >= 1
 
 
 @pytest.mark.xfail(strict=True, reason="engine/server.py does not restart a dead worker: APIServer._on_exit "
