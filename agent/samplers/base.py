@@ -48,11 +48,15 @@ class FieldSkipper:
     def __init__(self, sampler: str):
         self.sampler = sampler
 
-    def skip(self, gpu: SampledGpu, key: str, why: str) -> None:
-        if key not in gpu.unsupported:
-            gpu.unsupported.add(key)
-            log.warning("%s sampler: %s on %s (%s) is not available: %s; skipping it from now on",
-                        self.sampler, key, gpu.uuid, gpu.name, why)
+    def skip(self, gpu: SampledGpu, key: str, why: str) -> bool:
+        """Mark ``key`` unsupported on ``gpu``; True the first time (the sampler reports that poll failed, so
+        the loss of a field shows in the health metrics once, not only in the log)."""
+        if key in gpu.unsupported:
+            return False
+        gpu.unsupported.add(key)
+        log.warning("%s sampler: %s on %s (%s) is not available: %s; skipping it from now on",
+                    self.sampler, key, gpu.uuid, gpu.name, why)
+        return True
 
 
 class Throttled:

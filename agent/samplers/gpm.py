@@ -148,7 +148,9 @@ class GpmSampler:
         for i, key in enumerate(keys):
             metric = mg.metrics[i]
             if metric.nvmlReturn != nv.NVML_SUCCESS:
-                self.skipper.skip(gpu, key, f"nvmlReturn {metric.nvmlReturn}")
+                if self.skipper.skip(gpu, key, f"nvmlReturn {metric.nvmlReturn}"):
+                    self.last_error = f"{key} of {gpu.uuid} is not supported (nvmlReturn " \
+                                      f"{metric.nvmlReturn}); skipped from now on"
                 continue
             values[key] = float(metric.value)
         marker = values.get(_UPDATE_MARKER)

@@ -59,7 +59,8 @@ class NvmlSampler:
             if is_lost(self.nvml, exc):
                 raise _Lost(str(exc)) from None
             if is_unsupported(self.nvml, exc):
-                self.skipper.skip(gpu, key, str(exc))
+                if self.skipper.skip(gpu, key, str(exc)):
+                    self.last_error = f"{key} of {gpu.uuid} is not supported ({exc}); skipped from now on"
             else:  # transient (a timeout, ...): this poll failed for the health metrics; retried next poll
                 self.last_error = f"{key} of {gpu.uuid} failed: {exc}"
                 self.throttled.warning(f"{key} {gpu.uuid}", "nvml sampler: %s of %s failed: %s", key,

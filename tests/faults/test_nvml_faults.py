@@ -18,19 +18,23 @@ from tests.faults.helpers import scrape, value
 
 POLLS = 300
 LOSE_AT = 120
+UNSUPPORT_AT = 200
 
 
 def _wrap_polls(daemon: Any, fake: FaultyNvml, lost: FakeGpu, faulty_polls: dict[str, int],
                 samples: dict[str, dict[str, int]]) -> None:
-    """Count, per sampler, the polls during which the fake injected a fault (a timeout, or a lost GPU)."""
+    """Count, per sampler, the polls during which the fake injected a fault (a timeout, a lost GPU, a field
+    found not supported)."""
     for sch in daemon.samplers:
         inner = sch.sampler.sample
         name = sch.sampler.name
 
-        def poll(inner: Any = inner, name: str = name) -> list:
+        def poll(inner: Any = inner, name: str = name, sampler: Any = sch.sampler) -> list:
             before = fake.timeouts
+            skipped = sum(len(g.unsupported) for g in sampler.gpus)
             got = inner()
-            if fake.timeouts > before or lost.lost:
+            newly_unsupported = sum(len(g.unsupported) for g in sampler.gpus) > skipped
+            if fake.timeouts > before or lost.lost or newly_unsupported:
                 faulty_polls[name] += 1
             for rec in got:
                 samples[name][rec.gpu_uuid] = samples[name].get(rec.gpu_uuid, 0) + 1
@@ -56,6 +60,8 @@ def test_random_nvml_errors_never_stop_the_agent_and_every_one_is_counted(seed: 
     for i in range(POLLS):
         if i == LOSE_AT:
             fake.lose(doomed)
+        if i == UNSUPPORT_AT:
+            healthy.unsupported.add(fake.NVML_GPM_METRIC_FP16_UTIL)  # GPM FP16 starts answering NotSupported
         for sch in daemon.samplers:
             sch.next_ns = 0  # every sampler polls every tick: the test counts polls, not time
         daemon.tick(now)  # must not raise, whatever NVML does
@@ -77,7 +83,10 @@ def test_random_nvml_errors_never_stop_the_agent_and_every_one_is_counted(seed: 
     # the unsupported field is logged once (not once per poll) and skipped
     power_logs = [r for r in caplog.records if "power_w on GPU-healthy" in r.getMessage()]
     assert len(power_logs) == 1
-    assert ("phaselens_gpu_power_watts", (("gpu_uuid", "GPU-healthy"),)) not in metrics
+    assert not [k for k in metrics
+                if k[0] == "phaselens_gpu_power_watts" and ("gpu_uuid", "GPU-healthy") in k[1]]
+    fp16_logs = [r for r in caplog.records if "fp16_active on GPU-healthy" in r.getMessage()]
+    assert len(fp16_logs) == 1
     # the loss is logged once per sampler and named in /health
     lost_logs = [r for r in caplog.records if "lost GPU GPU-doomed" in r.getMessage()]
     assert len(lost_logs) == 2 and all(r.levelno == logging.ERROR for r in lost_logs)
