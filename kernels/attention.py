@@ -4,7 +4,9 @@ The KV cache of one layer is a pair of tensors ``[num_blocks, block_size, num_kv
 sequence's tokens live in the blocks its block table names, in order (vLLM's PagedAttention layout,
 Kwon et al. 2023). This reference is vectorized over sequences for decode (blocks gathered into one padded
 tensor, one ``scaled_dot_product_attention`` call) and runs one call per prefill chunk, so the host never
-loops over tokens and never synchronizes. A Triton kernel replaces it later behind the same functions.
+loops over tokens and never synchronizes. On CUDA the Triton kernels of ``paged_attention.py`` replace it
+behind the same contract (``phaselens.kernels`` chooses); this version stays for the CPU and as the tests'
+reference.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Triton paged attention against the torch reference on the GPU (bf16): random shapes, block tables with
 holes, GQA ratios 1, 4 and 8, split decode, packed prefill chunks after cached prefixes, padded rows.
 
-The device and dtype come from ``PHASELENS_KERNEL_TEST_DEVICE`` (default ``cuda:0``, bf16); with ``cpu`` the
-same checks run in float32 under ``TRITON_INTERPRET=1`` (how the kernels were developed off the GPU).
+The device and dtype come from ``PHASELENS_KERNEL_TEST_DEVICE`` (default ``cuda:0``, bf16). With ``cpu`` and
+``TRITON_INTERPRET=1`` the same checks run in float32 in Triton's interpreter (how the kernels were developed
+off the GPU; about a minute on one core):
+
+    PHASELENS_KERNEL_TEST_DEVICE=cpu TRITON_INTERPRET=1 python -m pytest tests/kernels/test_gpu_paged_*.py
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import torch
 from phaselens.kernels import AttentionMetadata
 from phaselens.kernels import attention as ref
 
-pytestmark = pytest.mark.gpu
-
 DEVICE = torch.device(os.environ.get("PHASELENS_KERNEL_TEST_DEVICE", "cuda:0"))
+if DEVICE.type == "cuda":
+    pytestmark = pytest.mark.gpu
+else:
+    pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                    reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 #: bf16 keeps 8 mantissa bits: a relative error of a few 1e-3 is rounding; 2e-2 catches a wrong key or scale
 TOL = 2e-2 if DTYPE is torch.bfloat16 else 1e-4
