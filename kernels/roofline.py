@@ -15,6 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,7 +53,7 @@ class _Timer:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def median_seconds(self, fn, repeats: int, warmup: int) -> float:  # type: ignore[no-untyped-def]
+    def median_seconds(self, fn: Callable[[], object], repeats: int, warmup: int) -> float:
         for _ in range(warmup):
             fn()
         times = []

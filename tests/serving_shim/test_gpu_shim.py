@@ -121,7 +121,9 @@ def test_gpu_interval_matches_the_work(listener: Listener) -> None:
     for d, k in zip(durations_ms, kernel_ms):
         assert k <= d + 0.001 and d - k < 0.2, (durations_ms, kernel_ms)  # two event records of slack
     gaps_ms = [(b.t0_ns - a.t1_ns) / 1e6 for a, b in zip(recs, recs[1:])]
-    assert all(g >= 4.0 for g in gaps_ms), gaps_ms
+    # the host sleeps 5 ms after launching each step, the GPU finishes the step some time after the launch:
+    # the GPU gap is 5 ms minus that lag (3.3 ms seen on the H100), never an overlap
+    assert all(g >= 1.0 for g in gaps_ms), gaps_ms
 
 
 def _tiny():
