@@ -44,5 +44,11 @@ dashboard = dashboard(
                                  "{{hostname}} GPU {{gpu}}")], "hertz", (8, 39, 8, 8)),
         timeseries("GPU memory used", [(m("phaselens_gpu_memory_used_bytes") + sel(GPU_SEL),
                                         "{{hostname}} GPU {{gpu}}")], "bytes", (16, 39, 8, 8)),
+        timeseries("Failed sampler polls/s (lost GPU, NVML error or timeout, exporter down or garbled)",
+                   [(f"sum by (hostname, sampler) (rate({m('phaselens_sampler_errors_total')}" + sel(HOST_SEL)
+                     + f"[{RATE}]))", "{{hostname}} {{sampler}}")], "short", (0, 47, 16, 8)),
+        stat("Trace recorders stopped (write error)",
+             [(f"sum({m('phaselens_agent_recorder_failed')}" + sel(HOST_SEL) + ")", "")], "none",
+             (16, 47, 8, 8)),
     ],
 )
