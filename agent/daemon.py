@@ -106,6 +106,8 @@ class AgentDaemon:
                 log.exception("sampler %s failed", sampler.name)
                 got, error = [], f"{type(exc).__name__}: {exc}"
             self.state.sampler_result(SamplerHealth(sampler.name, not error, time.perf_counter() - t0, error))
+            for lost in getattr(sampler, "failed", []):
+                self.state.forget_raw(lost.uuid)
             next_due = getattr(sampler, "next_due_ns", None)
             sch.next_ns = next_due(now, sch.interval_ns) if next_due else now + sch.interval_ns
             for rec in got:

@@ -167,6 +167,11 @@ class AgentState:
                 if value is not None:
                     raw[key] = value
 
+    def forget_raw(self, gpu_uuid: str) -> None:
+        """Drop a lost GPU's latest readings: a stale power or clock gauge would say it still runs."""
+        with self._lock:
+            self._raw.pop(gpu_uuid, None)
+
     def sampler_result(self, health: SamplerHealth) -> None:
         with self._lock:
             self._samplers[health.name] = health

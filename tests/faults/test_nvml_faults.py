@@ -80,6 +80,9 @@ def test_random_nvml_errors_never_stop_the_agent_and_every_one_is_counted(seed: 
     assert samples["gpm"]["GPU-healthy"] > (POLLS - LOSE_AT) // 2
     assert samples["nvml"]["GPU-doomed"] <= LOSE_AT
     assert value(metrics, "phaselens_gpu_sm_clock_hertz", gpu_uuid="GPU-healthy") == 1755e6
+    # the lost GPU's last readings are not exported as if it still ran
+    assert not [k for k in metrics
+                if k[0].startswith("phaselens_gpu_") and ("gpu_uuid", "GPU-doomed") in k[1]]
     # the unsupported field is logged once (not once per poll) and skipped
     power_logs = [r for r in caplog.records if "power_w on GPU-healthy" in r.getMessage()]
     assert len(power_logs) == 1
