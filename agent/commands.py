@@ -178,7 +178,14 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
     try:
         daemon.run()
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except OSError as exc:  # the last buffered records could not be written either
+            daemon.state.recorder_failed(f"{type(exc).__name__}: {exc}")
+    failed = daemon.state.snapshot().recorder_error
+    if failed:  # the recording is what this command is for: say it is incomplete, exit non-zero
+        raise click.ClickException(f"recording to {output} stopped after "
+                                   f"{time.monotonic() - started:.1f} s: {failed}; the trace is incomplete")
     click.echo(f"recorded {output} ({time.monotonic() - started:.1f} s)", err=True)
 
 

@@ -102,3 +102,17 @@ def test_recorder_metric_is_zero_while_recording_works(tmp_path: Path) -> None:
     daemon.tick()
     assert value(scrape(daemon.state), "phaselens_agent_recorder_failed") == 0
     daemon.close()
+
+
+def test_record_command_on_a_full_disk_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    from click.testing import CliRunner
+
+    from phaselens.cli import cli
+
+    result = CliRunner().invoke(cli, ["record", "/dev/full", "--source", "simulated", "--duration-s", "1",
+                                      "--poll-interval-ms", "1", "--socket-path", str(tmp_path / "s.sock")])
+    assert result.exit_code == 1, result.output
+    assert "recording to /dev/full stopped" in result.output and "No space left" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
