@@ -82,6 +82,17 @@ class KVTransfer:
 
     # -- export
 
+    @property
+    def shared(self) -> bool:
+        """Whether peers can open this cache (CUDA caches always; CPU ones once in shared memory)."""
+        return self.kv_cache.device.type == "cuda" or self._shm is not None
+
+    def share_cpu(self) -> torch.Tensor:
+        """Move this CPU cache into shared memory; returns the new tensor, which the caller swaps in."""
+        if self._shm is None:
+            self.kv_cache, self._shm = share_cpu_cache(self.kv_cache)
+        return self.kv_cache
+
     def handle(self) -> KVHandle:
         kv = self.kv_cache
         common = dict(worker_id=self.worker_id, shape=tuple(kv.shape), dtype=str(kv.dtype),
@@ -186,7 +197,10 @@ class KVTransfer:
                 shm.close()
             except BufferError:
                 log.debug("own KV segment still referenced at close; unlinking anyway")
-            shm.unlink()
+            try:
+                shm.unlink()
+            except FileNotFoundError:  # removed by someone else already: nothing left to free
+                log.warning("KV segment %s was already removed", shm.name)
 
 
 def _enable_peer_access(src: torch.device, dst: torch.device) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from phaselens.engine.block_manager import BlockManager
 from phaselens.engine.config import ModelConfig
-from phaselens.engine.kv_transfer import KVTransfer, TransferResult, share_cpu_cache
+from phaselens.engine.kv_transfer import KVTransfer, TransferResult
 from phaselens.engine.protocol import Handoff, KVHandle
 from phaselens.engine.loader import resolve
 from phaselens.engine.sampling_params import SamplingParams
@@ -132,13 +132,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.shim = self._make_shim()
-        shm = None
-        if self.worker.device.type == "cpu":
-            # the cache moves into shared memory so a decode worker can copy blocks out of it (kv_transfer);
-            # the runner reads the cache from its attribute each step, so swapping the tensor is enough
-            shared, shm = share_cpu_cache(self.worker.kv_cache)
-            self.worker.kv_cache = self.worker.runner.kv_cache = shared
-        self.kv = KVTransfer(config.engine_id, self.worker.kv_cache, shm)
+        self.kv = KVTransfer(config.engine_id, self.worker.kv_cache)
         self._handoffs: list[Handoff] = []
         self._seqs: dict[str, Sequence] = {}
         self._seed_counter = itertools.count()
@@ -208,7 +202,13 @@ class LLMEngine:
     # -- split mode: the KV hand-off
 
     def kv_handle(self) -> KVHandle:
-        """How another worker process opens this engine's KV cache."""
+        """How another worker process opens this engine's KV cache.
+
+        On CPU the first call moves the cache into shared memory (only engines that hand KV over pay for
+        a segment): the runner reads the cache from its attribute each step, so swapping it is enough.
+        """
+        if not self.kv.shared:
+            self.worker.kv_cache = self.worker.runner.kv_cache = self.kv.share_cpu()
         return self.kv.handle()
 
     def set_role(self, role: Role, peers: tuple[KVHandle, ...] = ()) -> None:

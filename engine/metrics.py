@@ -48,25 +48,10 @@ class EngineMetrics:
         self.step_duration = self._make("phaselens_engine_step_duration_seconds")
         self.workers_alive = self._make("phaselens_engine_workers_alive")
         self.kv_transfer = self._make("phaselens_engine_kv_transfer_seconds")
-        self.kv_transfer_bytes = self._make_proposed(
-            "phaselens_engine_kv_transfer_bytes_total", "counter",
-            "Bytes of KV cache copied from prefill workers to decode workers (split mode).")
+        self.kv_transfer_bytes = self._make("phaselens_engine_kv_transfer_bytes_total")
 
     def _make(self, name: str) -> Any:
         return catalogue.create(catalogue.metric(name), self.registry)
-
-    def _make_proposed(self, name: str, kind: str, help_: str) -> Any:
-        """A metric the catalogue does not list yet (PROPOSED for exporters/catalogue.py): built from the
-        catalogue when it has it, else here with the engine's request labels."""
-        try:
-            return self._make(name)
-        except (KeyError, ValueError):
-            from prometheus_client import Counter
-
-            assert kind == "counter"
-            # prometheus_client adds the _total suffix itself
-            return Counter(name.removesuffix("_total"), help_, ("hostname", "model_name", "role"),
-                           registry=self.registry)
 
     def _base(self, role: str) -> dict[str, str]:
         return {"hostname": self.hostname, "model_name": self.model_name, "role": role}
