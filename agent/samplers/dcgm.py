@@ -68,6 +68,8 @@ class DcgmSampler:
         self._missing_logged: set[str] = set()
         self._failures = 0
         self._last_log = -LOG_INTERVAL_S
+        self._garbled = 0
+        self._last_garbled_log = -LOG_INTERVAL_S
 
     def sample(self) -> list[SampleRecord]:
         t = self.clock()
@@ -130,7 +132,12 @@ class DcgmSampler:
                 # measurement: it is left out and the poll fails (lenient while collecting, never silent)
                 if not math.isfinite(v) or v < 0 or (key in UTILIZATION_KEYS and v > 1.0 + 1e-9):
                     self.last_error = f"garbled value {s.name}={s.value!r} for {uuid} from {self.url}"
-                    log.warning("dcgm sampler: %s; left out", self.last_error)
+                    self._garbled += 1
+                    now = time.monotonic()
+                    if now - self._last_garbled_log >= LOG_INTERVAL_S:  # once, then at most once a minute
+                        self._last_garbled_log = now
+                        log.warning("dcgm sampler: %s; left out (%d garbled values so far)", self.last_error,
+                                    self._garbled)
                     continue
                 out.setdefault(uuid, {})[key] = v
         return out

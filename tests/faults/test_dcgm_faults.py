@@ -4,6 +4,7 @@ goes on, each failed scrape fails that poll (``phaselens_sampler_success 0``), i
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -121,7 +122,7 @@ def test_unreachable_exporter_is_a_failed_poll_and_the_agent_goes_on() -> None:
     daemon.close()
 
 
-def test_broken_exporter_every_way_then_recovers() -> None:
+def test_broken_exporter_every_way_then_recovers(caplog) -> None:
     exporter = _Exporter()
     daemon = _daemon(exporter.url)
     try:
@@ -142,6 +143,15 @@ def test_broken_exporter_every_way_then_recovers() -> None:
             assert not snap.samplers["dcgm"].success, mode
             assert snap.samplers["dcgm"].last_error, mode
             assert snap.sampler_errors["dcgm"] == expected_errors, mode
+        exporter.mode = "nan"
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            for _ in range(5):
+                _poll(daemon)
+        # five garbled polls, all counted, one log line (not one per poll)
+        assert daemon.state.snapshot().sampler_errors["dcgm"] == expected_errors + 5
+        expected_errors += 5
+        assert len([r for r in caplog.records if "garbled" in r.getMessage()]) <= 1
         exporter.mode = "good"
         got = _poll(daemon)
         assert got and got[0].values["sm_active"] == exporter.value
