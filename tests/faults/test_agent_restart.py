@@ -1,6 +1,6 @@
 """The agent killed (SIGKILL) and restarted while the engine serves: the engine does not notice (every
-request succeeds, none slower to fail), and the new agent resumes the per-phase attribution within one
-horizon of starting."""
+request succeeds), and the new agent resumes the per-phase attribution within one horizon of starting.
+Then the agent hangs (SIGSTOP) with its socket bound: the engine still serves every request."""
 
 from __future__ import annotations
 
@@ -71,6 +71,16 @@ def test_agent_killed_and_restarted_while_the_engine_serves(tmp_path: Path) -> N
             resumed_s = time.monotonic() - started
             served_after = len(statuses)
             wait_for(lambda: len(statuses) >= served_after + 3, 60, "requests served after the restart")
+            # the agent hangs (SIGSTOP: socket bound, nobody reading, its queue fills): the engine serves on
+            agent.pause()
+            try:
+                served_hung = len(statuses)
+                wait_for(lambda: len(statuses) >= served_hung + 5, 60, "requests served with a hung agent")
+            finally:
+                agent.resume()
+            received = value(agent.metrics(), "phaselens_shim_events_received_total")
+            wait_for(lambda: value(agent.metrics(), "phaselens_shim_events_received_total") > received, 30,
+                     "the resumed agent to receive steps again")
         finally:
             stop.set()
             loader.join(60)
