@@ -308,6 +308,7 @@ class APIServer:
                 self._on_delta(delta, now)
         elif isinstance(event, protocol.StatsReport):
             self.worker_stats[worker.worker_id] = event.stats
+            self.router.report_kv(worker.worker_id, event.stats.get("kv_free_blocks"))
             self.metrics.update_engine_stats(worker.worker_id, worker.role.value, event.stats)
         elif isinstance(event, protocol.RequestRejected):
             state = self._get(event.request_id)
@@ -457,7 +458,8 @@ class APIServer:
     # -- mode changes (POST /admin/mode)
 
     def mode_state(self) -> dict[str, Any]:
-        """What ``GET /admin/mode`` answers: the mode, the pools, hand-off totals, the latest changes."""
+        """What ``GET /admin/mode`` answers: the mode, the pools, totals over the latest 1000 hand-offs, the
+        latest 10 changes."""
         loads = self.router.loads()
         workers = [{"id": w.worker_id, "role": w.role.value if w.routable else "standby", "alive": w.alive,
                     "requests": w.requests} for w in loads]
