@@ -2,19 +2,22 @@
 
 One server, two CPU workers, admin token set: the same greedy requests answered colocated and split give
 the same text; a hand-off copies exactly the prompt blocks the decode worker's prefix cache lacks; and a
-continuous load (``phaselens load``'s generator plus a checker of answers) survives flips colocated ->
+continuous load (``phaselens load`` in its own process, plus a checker of answers) survives flips colocated ->
 split -> colocated with no failed, lost or different answer.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 
 import httpx
 import pytest
 
-from phaselens.engine.loadgen import LengthDist, LoadGenerator, WorkloadSpec, build_workload
+from phaselens.engine.loadgen import LengthDist, WorkloadSpec, build_workload
 from tests.engine.server_harness import LiveServer, tiny_workers, wait_for
 
 TOKEN = "test-admin-token"
@@ -23,9 +26,19 @@ BLOCK = 16
 
 
 @pytest.fixture(scope="module")
-def live():
-    with LiveServer(tiny_workers(2, block_size=BLOCK), admin_token=TOKEN) as server:
+def live(tmp_path_factory):
+    log = tmp_path_factory.mktemp("split") / "requests.jsonl"
+    with LiveServer(tiny_workers(2, block_size=BLOCK), admin_token=TOKEN, request_log=str(log)) as server:
+        server.request_log_path = log
         yield server
+
+
+def _finished(live) -> int:
+    """Requests the server has finished (its request log's lines)."""
+    try:
+        return live.request_log_path.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
@@ -89,7 +102,7 @@ def test_split_gives_colocated_answers_and_moves_only_uncached_blocks(live) -> N
              20, "both workers idle with no blocks held")
 
 
-def test_flip_under_continuous_load_loses_and_fails_nothing(live) -> None:
+def test_flip_under_continuous_load_loses_and_fails_nothing(live, tmp_path) -> None:
     _set_mode(live.url, mode="colocated")
     rng = random.Random(7)
     checks = [_prompt(rng, n) for n in (9, 33, 50)]
@@ -97,10 +110,14 @@ def test_flip_under_continuous_load_loses_and_fails_nothing(live) -> None:
 
     spec = WorkloadSpec(num_requests=80, rate=20.0, seed=3, prompt=LengthDist(40, 0.6, 8, 120),
                         output=LengthDist(16, 0.5, 8, 32))
-    done: list = []
-    gen = LoadGenerator(live.url, "tiny", build_workload(spec), on_done=done.append)
-    results: list = []
-    load = threading.Thread(target=lambda: results.extend(gen.run()), daemon=True)
+    out = tmp_path / "load.json"
+    # `phaselens load`, the real command, in its own process
+    load = subprocess.Popen([sys.executable, "-m", "phaselens", "load", "--url", live.url, "-n", "80",
+                             "--rate", "20", "--seed", "3", "--prompt-median", "40", "--prompt-sigma", "0.6",
+                             "--prompt-min", "8", "--prompt-max", "120", "--output-median", "16",
+                             "--output-sigma", "0.5", "--output-min", "8", "--output-max", "32",
+                             "--no-progress", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     stop = threading.Event()
     answers: list[tuple[int, int, str]] = []
@@ -118,25 +135,27 @@ def test_flip_under_continuous_load_loses_and_fails_nothing(live) -> None:
                 i += 1
 
     check = threading.Thread(target=checker, daemon=True)
-    load.start()
+    start = _finished(live)
     check.start()
     flips = ["split", "colocated", "split", "colocated"]
     for n, mode in enumerate(flips, start=1):
         # each flip lands while requests are in flight: wait for some progress first
-        wait_for(lambda: len(done) >= 16 * n,
-                 60, f"load progress before flip {n}")
+        wait_for(lambda: _finished(live) - start >= 20 * n, 60, f"load progress before flip {n}")
         body = {"mode": mode} if mode == "colocated" else {"mode": mode, "prefill": 1, "decode": 1}
         assert _set_mode(live.url, **body)["mode"] == mode
-    load.join(120)
-    assert not load.is_alive(), "the load finished"
+    printed = load.communicate(timeout=120)[0].decode()
     stop.set()
     check.join(60)
+    assert load.returncode == 0, printed
 
+    results = json.loads(out.read_text())["requests"]
     assert len(results) == spec.num_requests, "no request lost"
-    failed = [(r.index, r.status_code, r.error) for r in results if not r.ok]
+    failed = [(r["index"], r["status_code"], r["error"]) for r in results if not r["ok"]]
     assert failed == []
     plan = build_workload(spec)
-    short = [(r.index, r.output_tokens) for r, p in zip(results, plan) if r.output_tokens != p.max_tokens]
+    assert [len(p.prompt) for p in plan] == [r["prompt_tokens"] for r in results], "the same workload"
+    short = [(r["index"], r["output_tokens"]) for r, p in zip(results, plan)
+             if r["output_tokens"] != p.max_tokens]
     assert short == [], "every response complete"
     assert answers and all(code == 200 for _, code, _ in answers), [a for a in answers if a[1] != 200]
     assert [text for k, _, text in answers] == [expected[k] for k, _, _ in answers]
