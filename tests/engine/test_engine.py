@@ -16,16 +16,6 @@ from phaselens.phase import Phase
 _REF_CACHE: dict[tuple[int, ...], list[int]] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are too small to split across threads; on a shared 2-core machine two threads
-    contending with other processes made these tests 30x slower (measured: 18.8 s vs 0.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def engine(**kw) -> LLMEngine:
     kw.setdefault("shim_enabled", False)
     return LLMEngine(EngineConfig(model="tiny", **kw))

@@ -19,16 +19,6 @@ from phaselens.engine.sampling_params import SamplingParams
 from tests.engine.test_tokenizer import _bpe_tokenizer_json
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are too small to split across threads; on a shared 2-core machine two threads
-    contending with other processes made these tests 30x slower (measured: 18.8 s vs 0.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CFG = ModelConfig(name="hf-tiny", vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, rope_theta=10000.0,
                   rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64), bos_token_id=0,

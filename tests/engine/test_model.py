@@ -13,16 +13,6 @@ from phaselens.engine.model import LlamaModel, rope_inv_freq
 from phaselens.kernels import AttentionMetadata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are too small to split across threads; on a shared 2-core machine two threads
-    contending with other processes made these tests 30x slower (measured: 18.8 s vs 0.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_with_the_published_parameter_count(name: str) -> None:
     cfg = preset(name)
