@@ -196,6 +196,8 @@ class RequestState:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     worker: str | None = None
+    #: split mode: the worker holding this request's parked KV until the decode worker has copied it
+    parked_on: str | None = None
     first_token_ns: int | None = None
     last_token_ns: int | None = None
     output_tokens: int = 0
@@ -358,6 +360,7 @@ class APIServer:
             return
         with state.lock:
             state.worker = target
+            state.parked_on = source.worker_id
         if target == source.worker_id:
             source.send(protocol.ContinueRequest(handoff, None))
         else:
@@ -367,6 +370,10 @@ class APIServer:
         return any(w.worker_id == worker_id and w.routable and w.alive for w in self.router.loads())
 
     def _transferred(self, worker: WorkerProcess, event: protocol.KVTransferred) -> None:
+        state = self._get(event.request_id)
+        if state is not None:
+            with state.lock:
+                state.parked_on = None
         source = self.workers.get(event.source_worker)
         if source is not None and source.alive:
             source.send(protocol.ReleaseKV(event.request_id))
@@ -375,7 +382,6 @@ class APIServer:
                                "destination": worker.worker_id, "blocks_moved": event.blocks_moved,
                                "blocks_cached": event.blocks_cached, "bytes": event.bytes,
                                "seconds": event.seconds})
-        state = self._get(event.request_id)
         if state is None or state.done:  # aborted while it moved: stop it at its new worker
             worker.send(protocol.AbortRequest(event.request_id))
 
@@ -446,6 +452,9 @@ class APIServer:
             state = self._get(rid)
             if state is None:
                 continue
+            parked = self.workers.get(state.parked_on or "")
+            if parked is not None and parked is not worker and parked.alive:
+                parked.send(protocol.ReleaseKV(rid))  # the decode worker died before it copied the KV
             self._finalize(state, "error", None)
             state.push(("error", APIError(
                 500, f"worker {worker.worker_id} died while serving this request ({why})",
