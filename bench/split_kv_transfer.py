@@ -59,12 +59,15 @@ class SplitPair:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         args = dict(model=preset, shim_enabled=False, gpu_memory_utilization=utilization,
                     max_num_batched_tokens=max(512, prompt_len), max_model_len=prompt_len + max_tokens + 16)
+        first = dict(args, device=devices[0])
+        self.one_gpu = devices[0] == devices[1] and devices[0] != "cpu"
         if devices[0] == "cpu":
-            args["num_kv_blocks"] = 4096
-        elif devices[0] == devices[1]:  # both workers on one GPU (a smoke check): half the memory each
-            args["gpu_memory_utilization"] = utilization / 2
-        self.prefill = WorkerProcess(WorkerConfig("w0", Role.PREFILL, dict(args, device=devices[0])),
-                                     self._on_event, self._on_exit)
+            args["num_kv_blocks"] = first["num_kv_blocks"] = 4096
+        elif self.one_gpu:
+            # both workers on one GPU (a smoke check): the worker sizes its cache from the card's memory in
+            # use, so the first takes half the share and the second, started after it, the card's total share
+            first["gpu_memory_utilization"] = utilization / 2
+        self.prefill = WorkerProcess(WorkerConfig("w0", Role.PREFILL, first), self._on_event, self._on_exit)
         self.decode = WorkerProcess(WorkerConfig("w1", Role.DECODE, dict(args, device=devices[1])),
                                     self._on_event, self._on_exit)
         self.handle: protocol.KVHandle | None = None
@@ -77,8 +80,10 @@ class SplitPair:
                                                         f"{worker.failure}")))
 
     def start(self, timeout_s: float = 900.0) -> None:
-        for w in (self.prefill, self.decode):
-            w.start()
+        self.prefill.start()
+        if self.one_gpu:
+            self.prefill.wait_ready(timeout_s)
+        self.decode.start()
         ready = self.prefill.wait_ready(timeout_s)
         self.decode.wait_ready(timeout_s)
         if ready.kv_handle is None:
