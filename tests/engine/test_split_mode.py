@@ -164,3 +164,22 @@ def test_flip_under_continuous_load_loses_and_fails_nothing(live, tmp_path) -> N
     print("requests in flight at each flip:", [c["in_flight"] for c in changes])
     assert sum(c["in_flight"] > 0 for c in changes) >= 2, "flips landed while requests were in flight"
     assert any(t for t in live.api.transfers), "split phases handed KV over"
+
+
+def test_client_gone_mid_stream_in_split_mode_frees_blocks_on_both_workers(live) -> None:
+    _set_mode(live.url, mode="split", prefill=1, decode=1)
+    try:
+        body = {"model": "tiny", "prompt": "z" * 300, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=30) as r:
+            chunks = (ln for ln in r.iter_lines() if ln.startswith("data: "))
+            rid = json.loads(next(chunks)[6:])["id"]
+            for _ in range(5):  # tokens from the decode worker: the hand-off happened
+                next(chunks)
+            assert any(t["request_id"] == rid for t in live.api.transfers)
+        # the client is gone: the decode worker aborts it, the prefill worker has released its copy
+        wait_for(lambda: all(w["kv_usage"] == 0.0 and w["num_running"] == 0
+                             for w in httpx.get(f"{live.url}/health").json()["workers"])
+                 and all(live.api.worker_stats[w].get("num_parked") == 0 for w in ("w0", "w1")),
+                 30, "KV blocks freed on both workers")
+    finally:
+        _set_mode(live.url, mode="colocated")
