@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -138,7 +139,11 @@ def _duration_s(text: str) -> float:
     default=None,
     help="Write the phaselens_advisor_* metrics here in the Prometheus text format.",
 )
-@click.option("--apply", is_flag=True, help="Switch the running engine to the recommended mode (not yet).")
+@click.option("--apply", is_flag=True,
+              help="Switch the running engine (--engine) to the recommended mode through its admin API.")
+@click.option("--engine", "engine_url", default=None, help="The engine's base URL, for --apply.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the engine's admin token, for --apply (default: $PHASELENS_ADMIN_TOKEN).")
 def advise(
     trace_paths: tuple[str, ...],
     request_log: str | None,
@@ -168,6 +173,8 @@ def advise(
     html_path: str,
     metrics_file: str | None,
     apply: bool,
+    engine_url: str | None,
+    token_file: str | None,
 ) -> None:
     """Should prefill and decode run on separate GPU pools? Fits the step model to your steps, screens every
     split and colocated configuration, simulates the best, and says whether splitting pays, with numbers."""
@@ -180,11 +187,13 @@ def advise(
     from phaselens.gpus import UnknownGpuError, gpu_spec
     from phaselens.trace import read_trace
 
+    token = None
     if apply:
-        raise click.UsageError(
-            "--apply is not available yet: switching the engine's mode comes with split-pool mode "
-            "(issue 6); run without --apply and use the report"
-        )
+        from phaselens.engine.mode_cli import read_token
+
+        if not engine_url:
+            raise click.UsageError("--apply needs --engine URL (the engine to switch)")
+        token = read_token(token_file)  # strict at start-up: no token, no search
     if gpus < 1:
         raise click.BadParameter(f"{gpus} (need at least 1 GPU)", param_hint="--gpus")
     if gpus_per_node < 1:
@@ -317,6 +326,34 @@ def advise(
     if metrics_file:
         Path(metrics_file).write_text(report.metrics_text(advice), encoding="utf-8")
     sys.stdout.flush()
+    if apply:
+        assert engine_url is not None and token is not None
+        _apply(advice, engine_url, token)
+
+
+def _apply(advice: Any, engine_url: str, token: str) -> None:
+    """Perform the verdict on the engine, verify it, and say what was done; exit 1 if it could not be."""
+    from phaselens.advisor.apply import apply_recommendation
+
+    finalist = advice.recommended
+    placement = finalist.placement if finalist is not None else None
+    if advice.verdict == "conditional":
+        raise click.ClickException("the verdict is conditional (prefill remotely only long prompts): the "
+                                   "bundled engine has no conditional mode; nothing was changed")
+    if advice.verdict == "split":
+        assert placement is not None
+        if placement.tp_p != 1 or placement.tp_d != 1:
+            raise click.ClickException(
+                f"the recommended {placement.label} needs tensor parallelism; the bundled engine runs one "
+                "GPU per worker (TP1): nothing was changed")
+        result = apply_recommendation(engine_url, token, "split", placement.n_p, placement.n_d)
+    else:
+        result = apply_recommendation(engine_url, token, "colocated")
+    for check in result.checks:
+        click.echo(f"  check: {check}", err=True)
+    if not result.ok:
+        raise click.ClickException(f"apply failed: {result.message}")
+    click.echo(f"applied: {result.message}", err=True)
 
 
 def _flag(model: StepModel, text: str) -> StepModel:

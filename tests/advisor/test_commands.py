@@ -136,7 +136,7 @@ def test_bad_values_are_named(inputs):
         "4",
         *slo,
     )
-    assert "not available yet" in bad(*common, "--gpus", "4", *slo, "--apply")
+    assert "--apply needs --engine" in bad(*common, "--gpus", "4", *slo, "--apply")
 
 
 def test_slo_no_configuration_can_meet_is_inconsistent(inputs):
