@@ -25,11 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/phaselens demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m flake8 phaselens engine serving_shim kernels agent exporters dashboards advisor tests
+	$(BIN)/python -m flake8 phaselens engine serving_shim kernels agent exporters dashboards advisor tests bench
 	$(BIN)/python -m mypy phaselens engine serving_shim kernels agent exporters dashboards advisor
 
 clean:

@@ -64,8 +64,10 @@ def test_sh_command_runs(doc: str, command: str) -> None:
     tool = shlex.split(command)[0]
     if tool in ("kubectl", "promtool") and shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed here (deploy/install-test-deps.sh installs promtool)")
-    run = subprocess.run(command, shell=True, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"{doc}: `{command}` exited {run.returncode}\n{run.stdout[-2000:]}{run.stderr[-2000:]}"
+    run = subprocess.run(command, shell=True, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    output = run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 0, f"{doc}: `{command}` exited {run.returncode}\n{output}"
 
 
 @pytest.mark.parametrize("doc, command", _commands("sh-cluster"), ids=lambda v: v if len(v) < 60 else v[:60])
@@ -84,7 +86,8 @@ def test_cluster_command_parses(doc: str, command: str) -> None:
         target = ROOT / argv[3]
         assert (target / "kustomization.yaml").exists(), f"{doc}: {argv[3]} is no kustomization"
         if shutil.which("kubectl"):
-            subprocess.run(["kubectl", "kustomize", str(target)], check=True, capture_output=True, timeout=120)
+            subprocess.run(["kubectl", "kustomize", str(target)], check=True, capture_output=True,
+                           timeout=120)
     else:
         pytest.fail(f"{doc}: no check known for `{command}`; add one here")
 

@@ -82,7 +82,7 @@ def test_hf_tokenizer_bad_files_name_the_file(tmp_path) -> None:
 
 
 def test_unknown_ids_stream_without_holding_back_everything() -> None:
-    """Ids the byte tokenizer does not know are real U+FFFD: emitted after at most 4 more ids, not at the end."""
+    """Ids the byte tokenizer does not know are real U+FFFD: out after at most 4 more ids, not at the end."""
     from phaselens.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
 
     detok = IncrementalDetokenizer(ByteTokenizer())

@@ -12,13 +12,13 @@ from phaselens.trace import (GpuInfo, MetaRecord, SampleRecord, StepRecord, Trac
                              dumps, parse_line, read_trace)
 
 DESIGN_EXAMPLE = [
-    '{"type":"meta","version":1,"host":"node-a","gpus":[{"uuid":"GPU-1","index":0,"name":"NVIDIA H100 80GB HBM3",'
-    '"peak_bf16_flops":9.89e14,"peak_dram_bytes_per_s":3.35e12}]}',
-    '{"type":"step","gpu_uuid":"GPU-1","engine_id":"e0","role":"colocated","phase":"prefill","step":17,"t0_ns":1,'
-    '"t1_ns":2,"clock":"gpu","prefill_tokens":2048,"decode_tokens":0,"batch":1,"context_tokens":2048,'
-    '"flops":3.3e13,"bytes":1.7e10}',
-    '{"type":"sample","gpu_uuid":"GPU-1","source":"gpm","t_ns":3,"values":{"sm_active":0.96,"tensor_active":0.93,'
-    '"dram_active":0.25}}',
+    '{"type":"meta","version":1,"host":"node-a","gpus":[{"uuid":"GPU-1","index":0,'
+    '"name":"NVIDIA H100 80GB HBM3","peak_bf16_flops":9.89e14,"peak_dram_bytes_per_s":3.35e12}]}',
+    '{"type":"step","gpu_uuid":"GPU-1","engine_id":"e0","role":"colocated","phase":"prefill","step":17,'
+    '"t0_ns":1,"t1_ns":2,"clock":"gpu","prefill_tokens":2048,"decode_tokens":0,"batch":1,'
+    '"context_tokens":2048,"flops":3.3e13,"bytes":1.7e10}',
+    '{"type":"sample","gpu_uuid":"GPU-1","source":"gpm","t_ns":3,"values":{"sm_active":0.96,'
+    '"tensor_active":0.93,"dram_active":0.25}}',
     '{"type":"sample","gpu_uuid":"GPU-1","source":"nvml","t_ns":4,"values":{"gpu_util":0.98,"mem_util":0.35,'
     '"power_w":548.8}}',
 ]
@@ -76,7 +76,8 @@ def test_read_trace_counts_and_skips_malformed(tmp_path, caplog) -> None:
 def test_writer_then_reader(tmp_path) -> None:
     path = tmp_path / "sub" / "t.jsonl"
     step = StepRecord(gpu_uuid="GPU-9", engine_id="e", role=Role.DECODE, phase=Phase.DECODE, step=1, t0_ns=10,
-                      t1_ns=20, clock=Clock.HOST, prefill_tokens=0, decode_tokens=4, batch=4, context_tokens=99,
+                      t1_ns=20, clock=Clock.HOST, prefill_tokens=0, decode_tokens=4, batch=4,
+                      context_tokens=99,
                       flops=1.0, bytes=2.0)
     with TraceWriter(path) as w:
         w.write(MetaRecord(host="h", gpus=(GpuInfo("GPU-9", 0, "x"),)))
