@@ -48,6 +48,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -228,6 +229,9 @@ class ServerConfig:
     admin_remote: bool = False
     #: how long the workers of a new mode have to answer their health check before the change rolls back
     mode_health_timeout_s: float = 10.0
+    #: largest request body accepted; larger ones get 413 before anything is parsed. 2 MiB holds a prompt
+    #: of the longest context (131,072 tokens of ~4 bytes each, JSON-escaped) with room to spare.
+    max_request_bytes: int = 2 << 20
 
 
 class APIServer:
@@ -742,7 +746,25 @@ class APIServer:
             await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
         app = FastAPI(title="phaselens engine", docs_url=None, redoc_url=None, lifespan=lifespan)
+        app.add_middleware(_BodyLimit, max_bytes=server.config.max_request_bytes,
+                           on_reject=lambda: server.metrics.count_rejected(Role.COLOCATED.value, "too_large"))
         app.add_middleware(_ArrivalStamp)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            # FastAPI's own errors (a body that is not UTF-8, an unknown route, a wrong method) in the
+            # OpenAI shape, and counted when they are the client's bad request
+            if isinstance(exc.__cause__, _BodyTooLarge):  # a chunked body past the cap, while FastAPI read it
+                server.metrics.count_rejected(Role.COLOCATED.value, "too_large")
+                return APIError(413, f"the request body is larger than {server.config.max_request_bytes} "
+                                "bytes", code="request_too_large").response()
+            if exc.status_code == 400:
+                server.metrics.count_rejected(Role.COLOCATED.value, "bad_request")
+            message = str(exc.detail) if exc.status_code != 400 else \
+                f"the body could not be read ({exc.detail}): send UTF-8 JSON"
+            type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+            return APIError(exc.status_code, message, type_=type_, headers=getattr(exc, "headers", None)
+                            ).response()
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -1025,6 +1047,55 @@ class _DisconnectWatch:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 (OpenAI-style) before it is read in
+    full or parsed: at once when Content-Length says so, else as soon as the bytes received pass the cap."""
+
+    def __init__(self, app: Any, max_bytes: int, on_reject: Any):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+
+    def _too_large(self) -> JSONResponse:
+        self.on_reject()
+        return APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                        code="request_too_large").response()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        seen = 0
+
+        async def capped_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """A chunked body passed the cap while it was being read."""
 
 
 class _ArrivalStamp:

@@ -111,11 +111,6 @@ def test_admin_fuzz_with_the_token(server, body: bytes) -> None:
     _check(resp, {200, 400, 409, 503})
 
 
-@pytest.mark.xfail(strict=True, reason="engine/server.py: a body that is not UTF-8 gets FastAPI's own "
-                                       "{'detail': 'There was an error parsing the body'} (400, not "
-                                       "OpenAI-shaped, not counted in "
-                                       "phaselens_engine_requests_rejected_total): "
-                                       "the RequestValidationError handler never sees it")
 @pytest.mark.parametrize("body", [b"\x80", b'{"model": "tiny", "prompt": "\xe9"}'])
 def test_a_body_that_is_not_utf8_is_an_openai_error(server, body: bytes) -> None:
     before = _rejected(server)
