@@ -50,5 +50,10 @@ dashboard = dashboard(
         stat("Trace recorders stopped (write error)",
              [(f"sum({m('phaselens_agent_recorder_failed')}" + sel(HOST_SEL) + ")", "")], "none",
              (16, 47, 8, 8)),
+        timeseries("Engines' phase records sent and dropped/s (dropped: no agent, or its queue full)",
+                   [(f"sum by (hostname) (rate({m('phaselens_engine_shim_records_sent_total')}"
+                     + sel(HOST_SEL) + f"[{RATE}]))", "{{hostname}} sent"),
+                    (f"sum by (hostname) (rate({m('phaselens_engine_shim_records_dropped_total')}"
+                     + sel(HOST_SEL) + f"[{RATE}]))", "{{hostname}} dropped")], "short", (0, 55, 24, 8)),
     ],
 )

@@ -96,6 +96,9 @@ class EngineStats:
     kv_total_blocks: int = 0
     #: requests parked for a hand-off, their blocks still held
     num_parked: int = 0
+    #: the phase shim's step records sent to the agent, and dropped (no agent, a full queue)
+    shim_sent: int = 0
+    shim_dropped: int = 0
 
 
 class LLMEngine:
@@ -373,7 +376,8 @@ class LLMEngine:
                            kv_free_blocks=len(self.block_manager.free),
                            kv_total_blocks=self.block_manager.num_blocks,
                            num_parked=sum(1 for q in self._seqs.values()
-                                          if q.status is SequenceStatus.PARKED))
+                                          if q.status is SequenceStatus.PARKED),
+                           shim_sent=self.shim.stats.sent, shim_dropped=self.shim.stats.dropped)
 
     def generate(self, prompts: list[str],
                  params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

@@ -49,6 +49,8 @@ class EngineMetrics:
         self.workers_alive = self._make("phaselens_engine_workers_alive")
         self.kv_transfer = self._make("phaselens_engine_kv_transfer_seconds")
         self.kv_transfer_bytes = self._make("phaselens_engine_kv_transfer_bytes_total")
+        self.shim_sent = self._make("phaselens_engine_shim_records_sent_total")
+        self.shim_dropped = self._make("phaselens_engine_shim_records_dropped_total")
 
     def _make(self, name: str) -> Any:
         return catalogue.create(catalogue.metric(name), self.registry)
@@ -111,16 +113,19 @@ class EngineMetrics:
         if queries > 0:
             self.prefix_ratio.labels(**labels).set(hits / queries)
         with self._lock:
-            last = self._last.setdefault(worker, {"hits": 0.0, "queries": 0.0, "preemptions": 0.0})
-            preempt = float(stats.get("num_preemptions", 0) or 0)
+            last = self._last.setdefault(worker, {"hits": 0.0, "queries": 0.0, "preemptions": 0.0,
+                                                  "shim_sent": 0.0, "shim_dropped": 0.0})
+            now = {"hits": hits, "queries": queries,
+                   "preemptions": float(stats.get("num_preemptions", 0) or 0),
+                   "shim_sent": float(stats.get("shim_sent", 0) or 0),
+                   "shim_dropped": float(stats.get("shim_dropped", 0) or 0)}
             # counters only move forward: the engine's totals are cumulative since it started
-            d_hits, d_queries = hits - last["hits"], queries - last["queries"]
-            d_pre = preempt - last["preemptions"]
-            last.update(hits=max(hits, last["hits"]), queries=max(queries, last["queries"]),
-                        preemptions=max(preempt, last["preemptions"]))
+            delta = {key: now[key] - last[key] for key in now}
+            last.update({key: max(now[key], last[key]) for key in now})
         # .labels() creates each series at 0, so a worker that never preempted still exports the counter
-        for counter, d in ((self.prefix_hits, d_hits), (self.prefix_queries, d_queries),
-                           (self.preemptions, d_pre)):
+        for counter, d in ((self.prefix_hits, delta["hits"]), (self.prefix_queries, delta["queries"]),
+                           (self.preemptions, delta["preemptions"]), (self.shim_sent, delta["shim_sent"]),
+                           (self.shim_dropped, delta["shim_dropped"])):
             child = counter.labels(**labels)
             if d > 0:
                 child.inc(d)

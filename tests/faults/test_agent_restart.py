@@ -94,9 +94,6 @@ def test_agent_killed_and_restarted_while_the_engine_serves(tmp_path: Path) -> N
           f"{len(statuses)} requests, all 200")
 
 
-@pytest.mark.xfail(strict=True, reason="engine/metrics.py exports nothing of the shim's own counters "
-                                       "(ShimStats.dropped/sent): with the agent down the engine's /metrics "
-                                       "does not show it; only Prometheus' up{} for the agent target does")
 def test_the_engine_shows_a_missing_agent_in_its_metrics(tmp_path: Path) -> None:
     workers = tiny_workers(1, shim_enabled=True, shim_socket_path=str(tmp_path / "nobody-here.sock"))
     with LiveServer(workers) as srv:
