@@ -60,6 +60,12 @@ class Router:
             load.requests, load.tokens = 0, 0
             return orphans
 
+    def revive(self, worker_id: str) -> None:
+        """A restarted worker is back in rotation, with the role it had."""
+        with self._lock:
+            load = self._workers[worker_id]
+            load.alive, load.requests, load.tokens = True, 0, 0
+
     def set_roles(self, roles: dict[str, Role | None]) -> None:
         """Re-label workers at once (a mode change): None makes a worker unroutable."""
         with self._lock:

@@ -75,6 +75,8 @@ def _check_device(device: str, workers: int) -> None:
               help="Append one JSON line per finished request here (the advisor's workload record).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most requests waiting for their first token; more are answered 503 with Retry-After.")
+@click.option("--no-worker-restart", is_flag=True,
+              help="Leave a worker that died dead (default: restart it, with a doubling backoff).")
 @click.option("--max-request-bytes", type=click.IntRange(min=1024), default=2 << 20, show_default=True,
               help="Largest request body; larger ones are answered 413 before they are parsed.")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True)
@@ -101,9 +103,9 @@ def _check_device(device: str, workers: int) -> None:
 @click.option("--admin-remote", is_flag=True,
               help="Accept admin calls from other hosts too (default: this machine only).")
 def serve(model: str | None, preset: str | None, workers: int, device: str, host: str, port: int,
-          served_model_name: str | None, request_log: str | None, max_queue: int, max_request_bytes: int,
-          max_num_seqs: int,
-          max_num_batched_tokens: int, block_size: int, num_kv_blocks: int | None,
+          served_model_name: str | None, request_log: str | None, max_queue: int, no_worker_restart: bool,
+          max_request_bytes: int, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+          num_kv_blocks: int | None,
           gpu_memory_utilization: float, max_model_len: int | None, no_prefix_caching: bool, seed: int,
           shim_socket: str | None, shim_jsonl: str | None, no_shim: bool,
           worker_start_timeout: float, start_mode: str, prefill: int | None, decode: int | None,
@@ -148,7 +150,8 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
 
     config = ServerConfig(model=name, served_model_name=served_model_name,
                           workers=build_worker_configs(name, workers, device, engine_args, shim_jsonl),
-                          max_queue=max_queue, max_request_bytes=max_request_bytes, request_log=request_log,
+                          max_queue=max_queue, max_request_bytes=max_request_bytes,
+                          restart_workers=not no_worker_restart, request_log=request_log,
                           worker_start_timeout_s=worker_start_timeout, admin_token=admin_token,
                           admin_remote=admin_remote)
     server = APIServer(config, tokenizer=source.tokenizer())

@@ -43,7 +43,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -232,6 +232,13 @@ class ServerConfig:
     #: largest request body accepted; larger ones get 413 before anything is parsed. 2 MiB holds a prompt
     #: of the longest context (131,072 tokens of ~4 bytes each, JSON-escaped) with room to spare.
     max_request_bytes: int = 2 << 20
+    #: start a new process for a worker that dies (with a doubling backoff)
+    restart_workers: bool = True
+
+
+#: backoff before restarting a worker that died: doubles with each death in a row, up to the maximum
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
 
 
 class APIServer:
@@ -265,6 +272,9 @@ class APIServer:
         self._acks: dict[int, protocol.RoleSet] = {}
         self._acks_cond = threading.Condition()
         self._tokens = itertools.count(1)
+        #: consecutive deaths per worker id (the restart backoff); reset once a restarted worker is ready
+        self._deaths: dict[str, int] = {}
+        self._stopped = threading.Event()
         self.app = self._build_app()
 
     @property
@@ -295,7 +305,8 @@ class APIServer:
         self._publish_alive()
 
     def stop(self) -> None:
-        for worker in self.workers.values():
+        self._stopped.set()  # no restarts from here on
+        for worker in list(self.workers.values()):
             worker.stop()
         self.request_log.close()
 
@@ -463,6 +474,51 @@ class APIServer:
             state.push(("error", APIError(
                 500, f"worker {worker.worker_id} died while serving this request ({why})",
                 type_="server_error", code="worker_died")))
+        self._schedule_restart(worker)
+
+    def _schedule_restart(self, dead: WorkerProcess) -> None:
+        """Start a new process for a worker that died, after a backoff that doubles with each death in a row
+        (1 s, 2 s, ... up to a minute): a worker that cannot start does not spin."""
+        if self._stopped.is_set() or not self.config.restart_workers:
+            return
+        deaths = self._deaths[dead.worker_id] = self._deaths.get(dead.worker_id, 0) + 1
+        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (deaths - 1))
+        log.warning("worker %s: restarting in %.0f s (death %d in a row)", dead.worker_id, delay, deaths)
+        threading.Thread(target=self._restart, args=(dead, delay), name=f"restart-{dead.worker_id}",
+                         daemon=True).start()
+
+    def _restart(self, dead: WorkerProcess, delay_s: float) -> None:
+        if self._stopped.wait(delay_s):
+            return
+        # the role it had at its death (a mode change may have moved it from its start-up role)
+        config = replace(dead.config, role=dead.role)
+        worker = WorkerProcess(config, self._on_event, self._on_exit)
+        worker.start()
+        try:
+            worker.wait_ready(self.config.worker_start_timeout_s)
+        except RuntimeError as exc:
+            log.error("worker %s: restart failed: %s", dead.worker_id, exc)
+            worker.stop()
+            self._schedule_restart(dead)
+            return
+        if self._stopped.is_set():
+            worker.stop()
+            return
+        dead.stop()  # its queues and reader thread
+        with self._lock:
+            self.workers[dead.worker_id] = worker
+            self._deaths[dead.worker_id] = 0
+        self.router.revive(dead.worker_id)
+        self._publish_alive()
+        log.warning("worker %s restarted (pid %s)", dead.worker_id, worker.pid)
+        state = self.mode_state()
+        if state["mode"] == "split":
+            # the new process has a new KV cache: give every worker its role and peers again
+            try:
+                self.change_mode("split", state.get("prefill"), state.get("decode"))
+            except (ValueError, ModeBusy, ModeRolledBack) as exc:
+                log.error("worker %s restarted, but split mode could not be re-established: %s",
+                          dead.worker_id, exc)
 
     def _publish_alive(self) -> None:
         for role in {w.role for w in self.workers.values()}:

@@ -168,7 +168,8 @@ def test_full_queue_answers_503_with_retry_after() -> None:
 
 
 def test_dead_worker_fails_its_requests_and_health_reports_it() -> None:
-    with LiveServer(tiny_workers(2)) as srv:
+    # restarts off: this test watches both workers die (tests/faults/test_worker_killed.py covers restarts)
+    with LiveServer(tiny_workers(2), restart_workers=False) as srv:
         long = {"model": "tiny", "prompt": "z" * 100, "max_tokens": 1500, "ignore_eos": True}
         pids = {wid: w.pid for wid, w in srv.api.workers.items()}
         url = f"{srv.url}/v1/completions"

@@ -10,7 +10,6 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from tests.engine.server_harness import LiveServer, fake_workers, wait_for
 from tests.faults.helpers import parse_exposition, value
@@ -57,9 +56,6 @@ def test_killed_worker_fails_only_its_requests_clearly_and_the_front_end_serves_
         assert value(metrics, "phaselens_engine_requests_total", status="error") >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="engine/server.py does not restart a dead worker: APIServer._on_exit "
-                                       "marks it dead and fails its requests, nothing starts a new process, "
-                                       "so /health stays 'degraded' for good")
 def test_killed_worker_is_restarted_and_health_recovers() -> None:
     with LiveServer(fake_workers(2, step_s=0.02)) as srv:
         victim, _ = _kill_mid_request(srv)
