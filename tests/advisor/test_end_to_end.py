@@ -4,29 +4,21 @@ report.html."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from phaselens.cli import cli
 from phaselens.trace import read_trace
-from tests.engine.server_harness import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.engine.server_harness import free_port, running_process
 
 
 @pytest.fixture(scope="module")
 def served_and_loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "requests.jsonl"
     cmd = [
         sys.executable,
@@ -48,19 +40,8 @@ def served_and_loaded(tmp_path_factory):
         "--num-kv-blocks",
         "512",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"phaselens serve exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, timeout_s=120, what="phaselens serve to answer /health")
+    with running_process(cmd, f"{url}/health", "phaselens serve"):
         res = subprocess.run(
             [
                 sys.executable,
@@ -88,13 +69,6 @@ def served_and_loaded(tmp_path_factory):
             timeout=300,
         )
         assert res.returncode == 0, res.stdout + res.stderr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     traces = sorted(tmp.glob("steps-*.jsonl"))
     assert traces, list(tmp.iterdir())
     return tmp, log_path, traces

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from phaselens.advisor.workload import Workload
 
-from tests.engine.server_harness import wait_for
+from tests.engine.server_harness import free_port, running_process
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
     reason="the prometheus/promtool binaries are not installed: run `bash deploy/install-test-deps.sh`")
 
 RATE, PROMPT, OUTPUT = 2.5, 900, 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _openmetrics(start: int, end: int) -> str:
@@ -53,31 +45,12 @@ def prometheus(tmp_path_factory):
                           str(data)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     (tmp / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
-    port = _free_port()
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={data}", "--storage.tsdb.retention.time=30d",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    port = free_port()
+    cmd = ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+           "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{port}"]
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {proc.returncode}")
-        try:
-            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, timeout_s=60, what="prometheus to be ready")
+    with running_process(cmd, f"{url}/-/ready", "prometheus", timeout_s=60):
         yield url, start, end
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_workload_from_prometheus_range(prometheus):

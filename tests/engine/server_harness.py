@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import httpx
 import uvicorn
 
 from phaselens.engine.server import APIServer, ServerConfig
@@ -38,6 +43,43 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 20.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_process(cmd: list[str], ready_url: str, what: str, timeout_s: float = 120.0
+                    ) -> Iterator[subprocess.Popen[str]]:
+    """Start ``cmd`` (a server: `phaselens serve`, prometheus, ...), wait until ``ready_url`` answers 200
+    (failing at once, with its output, if it exits), and stop it on exit (SIGTERM, then SIGKILL)."""
+    # output to a file, not a pipe: a chatty server would block once a pipe's 64 KiB filled
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"{what} exited with {proc.returncode}: {log.read()[-4000:]}")
+        try:
+            return httpx.get(ready_url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout_s=timeout_s, what=f"{what} to answer {ready_url}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
 
 
 class LiveServer:

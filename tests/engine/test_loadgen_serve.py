@@ -4,8 +4,6 @@ completes, and the client's TTFT/TPOT agree with the server's own histograms and
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 
 import httpx
@@ -16,43 +14,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phaselens.engine.loadgen_cli import load
 from phaselens.engine.request_log import read_request_log
-from tests.engine.server_harness import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.engine.server_harness import free_port, running_process, wait_for
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "requests.jsonl"
     cmd = [sys.executable, "-m", "phaselens", "serve", "--preset", "tiny", "--workers", "2",
            "--port", str(port), "--request-log", str(log_path), "--no-shim", "--num-kv-blocks", "512"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"phaselens serve exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, timeout_s=120, what="phaselens serve to answer /health")
+    with running_process(cmd, f"{url}/health", "phaselens serve"):
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _histogram(text: str, name: str) -> tuple[list[float], list[float]]:
