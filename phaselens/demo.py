@@ -194,11 +194,14 @@ def _pct(value: float | None) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="phaselens-demo",
               show_default=True,
               help="Where the report, trace, logs and demo.json go (emptied first).")
+@click.option("--warmup-requests", "warmup", type=click.IntRange(min=0), default=None,
+              help="Requests sent before the agent starts, not measured (default: 32 on a GPU, 8 on CPU).")
 @click.option("--quick", is_flag=True, help="A short run (tests, smoke checks).")
 @click.option("--keep-running", is_flag=True,
               help="Leave agent and engine up after the report (their /metrics for Prometheus) until Ctrl-C.")
 def demo(preset: str, device: str, num_requests: int, rate: float, fleet_gpus: int, price: float,
-         ttft_ms: float | None, tpot_ms: float | None, out_dir: str, quick: bool, keep_running: bool) -> None:
+         ttft_ms: float | None, tpot_ms: float | None, out_dir: str, warmup: int | None, quick: bool,
+         keep_running: bool) -> None:
     """Start engine, agent and load; show the blended vs per-phase split and the advisor's verdict."""
     from phaselens.engine.config import PRESETS
 
@@ -210,6 +213,8 @@ def demo(preset: str, device: str, num_requests: int, rate: float, fleet_gpus: i
     plan = plan_run(preset, device)
     if quick:
         num_requests = min(num_requests, 60)
+    if warmup is None:
+        warmup = 32 if plan.gpu else 8
     ttft_ms = ttft_ms or (500.0 if plan.gpu else 2000.0)
     tpot_ms = tpot_ms or (50.0 if plan.gpu else 100.0)
     out = Path(out_dir)
@@ -221,8 +226,8 @@ def demo(preset: str, device: str, num_requests: int, rate: float, fleet_gpus: i
     # SIGTERM (a container stop) takes the same way out as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = _run(plan, procs, out, run_dir, num_requests, rate,
-                      fleet_gpus, price, ttft_ms, tpot_ms, quick)
+        result = _run(plan, procs, out, run_dir, num_requests, warmup, rate, fleet_gpus, price, ttft_ms,
+                      tpot_ms, quick)
         (out / "demo.json").write_text(json.dumps(result, indent=2))
         if keep_running:
             click.echo("agent and engine keep running; Ctrl-C stops them")
@@ -242,7 +247,7 @@ def demo(preset: str, device: str, num_requests: int, rate: float, fleet_gpus: i
     click.echo(f"\nsummary: {out / 'demo.json'}")
 
 
-def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: int, rate: float,
+def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: int, warmup: int, rate: float,
          fleet_gpus: int, price: float, ttft_ms: float, tpot_ms: float, quick: bool) -> dict[str, Any]:
     py = [sys.executable, "-m", "phaselens"]
     sock = str(run_dir / "phaselens.sock")
@@ -254,13 +259,6 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
                     "engine's real steps, labelled source=\"simulated\").", fg="yellow")
     click.echo(f"engine: phaselens serve --preset {plan.preset} on {plan.device}; outputs in {out}/")
 
-    agent_args = py + ["agent", "--source", plan.source, "--socket-path", sock,
-                       "--listen-address", "127.0.0.1",
-                       "--port", str(agent_port), "--attribute-interval-s", "1", "--horizon-s", "300",
-                       "--record", str(out / "trace.jsonl")]
-    procs.start("agent", agent_args, out / "agent.log")
-    agent_url = f"http://127.0.0.1:{agent_port}"
-    _wait_http(agent_url + "/health", procs, 30, "agent", (200, 503))
     engine_args = py + ["serve", "--preset", plan.preset, "--device", plan.device, "--port", str(engine_port),
                         "--request-log", str(out / "requests.jsonl"), "--shim-socket", sock,
                         "--shim-jsonl", str(out / "steps.jsonl")]
@@ -270,10 +268,26 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
 
     # Long prompts (RAG-like) and short answers, so that prefill time adds up to enough counter windows for
     # the attribution to speak of prefill and mixed steps too, not only decode.
+    lengths = ["--prompt-median", "1000", "--prompt-max", "1900", "--output-median", "48",
+               "--output-max", "128"]
+    if warmup:
+        # Keep warm-up out of the measurement (gpt-fast's rule): an engine's first steps of each new shape pay
+        # one-time costs (kernel compilation, library plans) that a serving engine paid long ago. The agent
+        # starts after it, so its horizon holds only the measured load.
+        click.echo(f"warm-up: {warmup} requests, not measured")
+        subprocess.run(py + ["load", "--url", engine_url, "-n", str(warmup), "--rate", "inf", "--seed", "1",
+                             "--max-concurrency", "8", "--no-progress", *lengths],
+                       check=True, stdout=subprocess.DEVNULL)
+    agent_args = py + ["agent", "--source", plan.source, "--socket-path", sock,
+                       "--listen-address", "127.0.0.1",
+                       "--port", str(agent_port), "--attribute-interval-s", "1", "--horizon-s", "300",
+                       "--record", str(out / "trace.jsonl")]
+    procs.start("agent", agent_args, out / "agent.log")
+    agent_url = f"http://127.0.0.1:{agent_port}"
+    _wait_http(agent_url + "/health", procs, 30, "agent", (200, 503))
+
     load_args = py + ["load", "--url", engine_url, "-n", str(num_requests), "--rate", str(rate),
-                      "--seed", "0",
-                      "--prompt-median", "1000", "--prompt-max", "1900", "--output-median", "48",
-                      "--output-max", "128",
+                      "--seed", "0", *lengths,
                       "--slo-ttft", str(ttft_ms / 1e3), "--slo-tpot", str(tpot_ms / 1e3),
                       "--json", str(out / "load.json")]
     click.echo(f"load: {num_requests} requests at {rate:g} req/s")
@@ -286,7 +300,8 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
 
     advise_args = py + ["advise", "--trace", str(out / "steps.jsonl"),
                         "--request-log", str(out / "requests.jsonl"),
-                        "--preset", plan.preset, "--gpus", str(fleet_gpus), "--price", str(price),
+                        "--preset", plan.preset, "--rate", str(rate),
+                        "--gpus", str(fleet_gpus), "--price", str(price),
                         "--ttft-ms", str(ttft_ms), "--tpot-ms", str(tpot_ms),
                         "--html", str(out / "report.html"),
                         "--seeds", "1", "--requests", "300" if quick else "1000", "--json"]
