@@ -34,7 +34,7 @@ from phaselens.engine.loadgen import LengthDist, LoadGenerator, WorkloadSpec, bu
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,6 +57,23 @@ def _server_ttft_count(url: str) -> float:
             if s.name == "phaselens_engine_time_to_first_token_seconds_count":
                 total += s.value
     return total
+
+
+def wait_until_up(server: subprocess.Popen, url: str, timeout: float) -> None:
+    """Poll ``url``/health until it answers 200; ClickException if the server exits or ``timeout`` passes.
+    (bench/serving_throughput.py uses it too.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise click.ClickException(f"server exited with {server.returncode} (see its log)")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"server not up after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _ms(x: float | None) -> str:
@@ -86,7 +103,7 @@ def main(preset: str, device: str, workers: int, rates: str, duration: float, se
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "phaselens", "serve", "--preset", preset, "--device", device,
            "--workers", str(workers), "--port", str(port), "--max-num-seqs", str(max_num_seqs),
@@ -98,18 +115,7 @@ def main(preset: str, device: str, workers: int, rates: str, duration: float, se
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if server.poll() is not None:
-                raise click.ClickException(f"server exited with {server.returncode} (see server.log)")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"server not up after {start_timeout:.0f} s")
-            time.sleep(1.0)
+        wait_until_up(server, url, start_timeout)
         models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
         model, max_len = models[0]["id"], int(models[0]["max_model_len"])
         print(f"server up in {time.perf_counter() - t_start:.1f} s: {model}, context {max_len}", flush=True)

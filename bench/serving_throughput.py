@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -32,29 +31,9 @@ import click
 import httpx
 
 from phaselens.engine.loadgen import LengthDist, LoadGenerator, WorkloadSpec, build_workload, summarize
+from serve_latency import free_port, wait_until_up  # bench/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_up(server: subprocess.Popen, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.poll() is not None:
-            raise click.ClickException(f"server exited with {server.returncode} (see its log)")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"server not up after {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 @click.command()
@@ -77,7 +56,7 @@ def main(preset: str, device: str, num_requests: int, seed: int, max_num_seqs: i
          json_out: str | None, results: str,
          no_results: bool, start_timeout: float) -> None:
     """Output tokens/s of the engine serving the whole workload at once, and its ratio to HF generate."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "phaselens", "serve", "--preset", preset, "--device", device, "--port",
            str(port), "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens",
@@ -86,7 +65,7 @@ def main(preset: str, device: str, num_requests: int, seed: int, max_num_seqs: i
     t_start = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_up(server, url, start_timeout)
+        wait_until_up(server, url, start_timeout)
         models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
         model = models[0]["id"]
         click.echo(f"server up in {time.perf_counter() - t_start:.1f} s: {model}", err=True)
