@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -84,13 +84,7 @@ class Reason:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "triggered": self.triggered,
-            "value": self.value,
-            "threshold": self.threshold,
-            "text": self.text,
-        }
+        return asdict(self)
 
 
 @dataclass
