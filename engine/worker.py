@@ -123,14 +123,22 @@ class Worker:
         return blocks
 
     def _warm_up(self, prompt_len: int) -> None:
-        """One paged prefill and one decode step, so the first request does not pay for lazy library
-        initialisation (cuBLAS handles, attention kernels' set-up: about 0.9 s measured on an H100)."""
-        if prompt_len < 1 or self.num_kv_blocks < -(-(prompt_len + 1) // self.block_size):
+        """A paged prefill, a mixed step (one decode next to a new prompt's chunk) and a decode step, so the
+        first requests do not pay for lazy library initialisation (cuBLAS handles, attention kernels' set-up:
+        about 0.9 s measured on an H100) nor for compiling the mixed step's kernels."""
+        blocks = -(-(prompt_len + 1) // self.block_size)
+        if prompt_len < 2 or self.num_kv_blocks < 2 * blocks:
             return
-        seq = Sequence("warm-up", [0] * (prompt_len + 1), SamplingParams(max_tokens=1), 0)
-        seq.block_table = list(range(-(-(prompt_len + 1) // self.block_size)))
-        for step in (ScheduledSeq(seq, prompt_len, 0, True), ScheduledSeq(seq, 1, prompt_len, False)):
-            out = SchedulerOutput(scheduled=[step])
+        first = Sequence("warm-up-0", [0] * (prompt_len + 1), SamplingParams(max_tokens=1), 0)
+        second = Sequence("warm-up-1", [0] * prompt_len, SamplingParams(max_tokens=1), 0)
+        first.block_table = list(range(blocks))
+        second.block_table = list(range(blocks, 2 * blocks))
+        # an odd-length chunk after the decode: the mixed step's metadata land at every offset parity
+        steps = ([ScheduledSeq(first, prompt_len, 0, True)],
+                 [ScheduledSeq(first, 1, prompt_len, False), ScheduledSeq(second, prompt_len - 1, 0, True)],
+                 [ScheduledSeq(first, 1, prompt_len, False)])
+        for scheduled in steps:
+            out = SchedulerOutput(scheduled=scheduled)
             self.runner.run(out, self.runner.prepare(out)).tolist()
         # the blocks it wrote hold finite values and belong to nobody: the block manager starts them free
         torch.cuda.synchronize(self.device)

@@ -23,6 +23,9 @@ and vLLM's Triton kernels do.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -43,8 +46,26 @@ PREFILL_NUM_STAGES = 2
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 16
 
+# Triton specializes every pointer argument on 16-byte alignment, and each new combination compiles a new
+# kernel (about 0.5-1 s on an H100, the GPU idle meanwhile). The per-sequence metadata below are slices of one
+# packed host-to-device buffer (engine/model_runner.py), so their alignment changes with the step's token and
+# sequence counts: a serving run with random prompt lengths kept meeting new combinations, and 110-token
+# prefills and mixed steps took 0.6-1.3 s (bench/RESULTS.md, 2026-11-23 03:57). These pointers are read
+# element by element, so alignment buys them nothing: without it one kernel serves every step shape.
+# (``do_not_specialize_on_alignment`` is Triton >= 3.2; older Triton has only ``do_not_specialize``.)
+_NO_ALIGN_KW = next(k for k in ("do_not_specialize_on_alignment", "do_not_specialize")
+                    if k in inspect.signature(triton.jit).parameters)
 
-@triton.jit
+
+def _jit(no_value: tuple[str, ...] = (), no_align: tuple[str, ...] = ()) -> Any:
+    """``triton.jit`` with no value specialization on ``no_value`` and no alignment specialization on the
+    ``no_align`` pointers."""
+    if _NO_ALIGN_KW == "do_not_specialize":
+        return triton.jit(do_not_specialize=[*no_value, *no_align])
+    return triton.jit(do_not_specialize=list(no_value), do_not_specialize_on_alignment=list(no_align))
+
+
+@_jit(no_align=("slot_ptr",))
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -77,7 +98,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 # the block table's row stride is the step's widest table: not specialized on, so a new width compiles nothing
-@triton.jit(do_not_specialize=["stride_tb"])
+@_jit(no_value=("stride_tb",), no_align=("table_ptr", "seq_lens_ptr"))
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                    qk_scale, stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh,
@@ -207,7 +228,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit(do_not_specialize=["stride_tb"])
+@_jit(no_value=("stride_tb",), no_align=("table_ptr", "q_start_ptr", "q_len_ptr", "ctx_ptr"))
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, q_start_ptr, q_len_ptr, ctx_ptr, out_ptr, qk_scale,
                     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
                     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -328,6 +349,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:], starts[nd:], qlens_dev[nd:], ctx_dev[nd:],
                       max(qlens), scale, out=out)
     return out
+
+
+def compiled_variants() -> int:
+    """How many specializations of this module's kernels Triton has compiled (or loaded from its disk
+    cache) in this process: a serving engine should reach its final count during warm-up."""
+    total = 0
+    for fn in (_store_kv_kernel, _decode_kernel, _decode_reduce_kernel, _prefill_kernel):
+        caches = getattr(fn, "device_caches", None)  # Triton >= 3.0: device -> (kernel cache, ...)
+        if caches is not None:
+            total += sum(len(entry[0]) for entry in caches.values())
+        else:
+            total += sum(len(c) for c in getattr(fn, "cache", {}).values())
+    return total
 
 
 def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

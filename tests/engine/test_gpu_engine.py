@@ -92,3 +92,21 @@ def test_step_syncs_the_host_only_to_read_the_sampled_ids() -> None:
         e.step()
         steps += 1
     assert steps >= 4
+
+
+def test_new_step_shapes_compile_no_kernel_after_start_up() -> None:
+    """Random prompt lengths arriving a few at a time give prefill, mixed and decode steps of ever-new shapes;
+    none may compile a Triton specialization (a compile stalls the step for 0.5-1 s on an H100)."""
+    from phaselens.kernels.paged_attention import compiled_variants
+
+    e = LLMEngine(EngineConfig(model="tiny", device="cuda:0", max_num_batched_tokens=128, block_size=16,
+                               gpu_memory_utilization=0.05, shim_enabled=False))
+    at_start = compiled_variants()
+    rng = random.Random(3)
+    pending = [[BYTE_BOS_ID] + [rng.randrange(256) for _ in range(rng.randint(1, 300))] for _ in range(40)]
+    while pending or e.has_unfinished_requests():
+        for _ in range(min(len(pending), rng.choice((0, 1, 1, 2, 3)))):
+            e.add_request(f"r{len(pending)}", pending.pop(), SamplingParams(max_tokens=8, ignore_eos=True))
+        if e.has_unfinished_requests():
+            e.step()
+    assert compiled_variants() == at_start
