@@ -100,7 +100,7 @@ def test_new_step_shapes_compile_no_kernel_after_start_up() -> None:
     from phaselens.kernels.paged_attention import compiled_variants
 
     e = LLMEngine(EngineConfig(model="tiny", device="cuda:0", max_num_batched_tokens=128, block_size=16,
-                               gpu_memory_utilization=0.05, shim_enabled=False))
+                               num_kv_blocks=1024, shim_enabled=False))
     at_start = compiled_variants()
     rng = random.Random(3)
     pending = [[BYTE_BOS_ID] + [rng.randrange(256) for _ in range(rng.randint(1, 300))] for _ in range(40)]
