@@ -96,6 +96,19 @@ def _duration_s(text: str) -> float:
 @click.option(
     "--price", "price_per_gpu_hour", type=float, default=2.0, show_default=True, help="$ per GPU-hour."
 )
+@click.option(
+    "--chunk-budget",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The colocated engine's token budget per step (its --max-num-batched-tokens), when fixed: only "
+    "that budget is considered (0: whole prompts); default: every budget the screen knows.",
+)
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most sequences one engine instance runs at once (its --max-num-seqs); default: no limit.",
+)
 @click.option("--ttft-ms", type=float, required=True, help="TTFT target (ms).")
 @click.option("--tpot-ms", type=float, required=True, help="TPOT target (ms).")
 @click.option(
@@ -160,6 +173,8 @@ def advise(
     measured_tp: int,
     kv_link_gbps: float,
     price_per_gpu_hour: float,
+    chunk_budget: int | None,
+    max_num_seqs: int | None,
     ttft_ms: float,
     tpot_ms: float,
     ttft_pct: float,
@@ -252,6 +267,8 @@ def advise(
             kv_link_gbps=kv_link_gbps,
             price_per_gpu_hour=price_per_gpu_hour,
             tp_degrees=tuple(tp_degrees),
+            chunk_budget=chunk_budget,
+            max_num_seqs=max_num_seqs,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from None

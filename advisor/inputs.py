@@ -81,6 +81,12 @@ class Cluster:
     #: latency every request pays before its first token outside the engine's steps (HTTP, tokenization,
     #: scheduling, returning the token): added to TTFT
     ttft_overhead_s: float = 0.0
+    #: the colocated engine's fixed token budget per step (its max_num_batched_tokens): only that chunk
+    #: budget is considered for colocated and conditional placements (None: every budget the screen knows;
+    #: 0: whole prompts, no chunking)
+    chunk_budget: int | None = None
+    #: most sequences one engine instance runs at once (its max_num_seqs); None: no limit
+    max_num_seqs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or self.gpus < 1:
@@ -93,6 +99,11 @@ class Cluster:
             raise InputError(f"price per GPU-hour must be >= 0, got {self.price_per_gpu_hour!r}")
         if not (0 <= self.ttft_overhead_s < 60):
             raise InputError(f"TTFT overhead must be in [0, 60) s, got {self.ttft_overhead_s!r}")
+        cb, ms = self.chunk_budget, self.max_num_seqs
+        if cb is not None and (not isinstance(cb, int) or cb < 0):
+            raise InputError(f"chunk budget must be a whole number of tokens >= 0, got {cb!r}")
+        if ms is not None and (not isinstance(ms, int) or ms < 1):
+            raise InputError(f"max sequences per instance must be an integer >= 1, got {ms!r}")
         for tp in self.tp_degrees:
             if tp < 1 or tp > self.gpus_per_node:
                 raise InputError(

@@ -53,6 +53,15 @@ def to_dict(advice: Advice) -> dict[str, Any]:
             "gpus_needed_at_rate": advice.gpus_needed,
             "yearly_saving": advice.yearly_saving,
             "not_recommended_because": advice.rejections,
+            # the simulated goodput (req/s over the whole placement) of the best of each kind
+            "predicted_goodput_rps": {
+                k: (None if f is None else f.goodput)
+                for k, f in (
+                    ("colocated", advice.colocated),
+                    ("split", advice.split),
+                    ("conditional", advice.conditional),
+                )
+            },
             "finalists": {
                 k: (None if f is None else f.to_dict())
                 for k, f in (

@@ -276,6 +276,9 @@ class Screen:
         details.update({"step_s": t, "batch": batch, "kv_tokens": kv_need, "kv_capacity_tokens": capacity})
         if kv_need > cl.kv_high_watermark * capacity:
             return math.inf, math.inf, {**details, "limit": "KV memory"}
+        if cl.max_num_seqs is not None and batch > cl.max_num_seqs:
+            # the engine runs at most max_num_seqs sequences: past that, requests queue between tokens
+            return math.inf, math.inf, {**details, "limit": "max sequences"}
         # KV link (remote requests): M/G/1 of transfers on this instance's link
         x = np.where(remote, self.kv_bytes / (cl.link_bytes_per_s * tp), 0.0)
         link_load = rate * float(x.mean())
@@ -402,6 +405,10 @@ class Screen:
             if tp in self.model.by_tp and fits_in_memory(cl.model, cl.gpu, tp, cl.dtype_bytes)
         ]
 
+    def chunk_budgets(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        """The colocated chunk budgets to consider: the engine's own when the cluster fixes it."""
+        return default if self.cluster.chunk_budget is None else (self.cluster.chunk_budget,)
+
     def colocated(self) -> list[Candidate]:
         out = []
         g_total = self.cluster.gpus
@@ -409,7 +416,7 @@ class Screen:
         for tp in self.usable_tp():
             if tp > g_total:
                 continue
-            for chunk in CHUNK_BUDGETS:
+            for chunk in self.chunk_budgets(CHUNK_BUDGETS):
                 fit = self.decode_goodput(tp, local=everyone, chunk=chunk)
                 n = g_total // tp
                 pl = Placement("colocated", n_d=n, tp_d=tp, chunk=chunk)
@@ -441,7 +448,7 @@ class Screen:
             for tp_p in self.usable_tp():
                 fp = self.prefill_goodput(tp_p, long_mask)
                 for tp_c in self.usable_tp():
-                    for chunk in (2048, 0):
+                    for chunk in self.chunk_budgets((2048, 0)):
                         fc = self.decode_goodput(tp_c, local=~long_mask, chunk=chunk)
                         cand = self._best_pair(
                             "conditional", tp_p, fp, tp_c, fc, chunk=chunk, threshold=theta

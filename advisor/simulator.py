@@ -147,6 +147,8 @@ class _DecodeSide(_Worker):
     def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, capacity: int, link_bps: float):
         super().__init__(sim, co, name)
         self.capacity = capacity * sim.cluster.kv_high_watermark
+        #: the engine's max_num_seqs: sequences running (decoding or mid-prefill) at once
+        self.max_seqs = sim.cluster.max_num_seqs or (1 << 30)
         self.link_bps = link_bps
         self.link_free = 0.0
         self.n = 0
@@ -176,8 +178,14 @@ class _DecodeSide(_Worker):
             need = r.prompt[j] + 1
             if self.n and self.ctx + need + r.out[j] > self.capacity:
                 break
+            if self.n + self._prefilling() >= self.max_seqs:
+                break
             self.waiting.popleft()
             self._join(j)
+
+    def _prefilling(self) -> int:
+        """Sequences holding a slot while their prefill is under way (colocated workers)."""
+        return 0
 
     def _join(self, j: int) -> None:
         r = self.sim.reqs
@@ -273,6 +281,10 @@ class _ColocatedWorker(_DecodeSide):
         super().__init__(sim, co, name, capacity, link_bps)
         self.chunk = chunk
         self.pq: deque[list[int]] = deque()  # [request, tokens done]
+        self.n_prefilling = 0  # prompts part-way through a chunked prefill (each holds a sequence slot)
+
+    def _prefilling(self) -> int:
+        return self.n_prefilling
 
     def submit(self, now: float, j: int) -> None:
         self.pq.append([j, 0])
@@ -289,11 +301,12 @@ class _ColocatedWorker(_DecodeSide):
         tokens = 0
         quad = 0.0
         kv_room = self.capacity - self.ctx
+        slots = self.max_seqs - self.n - self._prefilling()
         if self.chunk == 0:
             # no chunking: an admissible waiting prompt runs alone, whole (prefill priority); decodes wait
             head = self.pq[0] if self.pq else None
             admissible = head is not None and (
-                head[1] > 0 or not self.n or r.prompt[head[0]] + r.out[head[0]] <= kv_room
+                head[1] > 0 or not self.n or (r.prompt[head[0]] + r.out[head[0]] <= kv_room and slots > 0)
             )
             budget = PREFILL_MAX_TOKENS if admissible else 0
             decodes = 0 if admissible else self.n
@@ -308,7 +321,10 @@ class _ColocatedWorker(_DecodeSide):
                 need = r.prompt[j] + r.out[j]
                 if (self.n or taken) and need > kv_room:
                     break  # KV admission: the next prompt waits until decodes finish
+                if (self.n or taken) and slots <= 0:
+                    break  # max_num_seqs: the next prompt waits for a sequence to finish
                 kv_room -= need
+                slots -= 1
             left = r.prompt[j] - r.cached[j] - done
             k = left if self.chunk == 0 else min(left, budget)
             if self.chunk == 0 and taken and tokens + k > budget:
@@ -341,9 +357,13 @@ class _ColocatedWorker(_DecodeSide):
             self.ctx += decodes
             self._retire(now)
         for item, k in taken:
+            started = item[1] > 0
             item[1] += k
             j = item[0]
-            if item[1] >= r.prompt[j] - r.cached[j]:
+            if item[1] < r.prompt[j] - r.cached[j]:
+                self.n_prefilling += not started
+            else:
+                self.n_prefilling -= started
                 self.pq.popleft() if self.pq and self.pq[0] is item else self.pq.remove(item)
                 r.first[j] = now
                 if r.out[j] <= 1:

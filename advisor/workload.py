@@ -286,7 +286,8 @@ class Workload:
         cls, spec: str | dict[str, Any], *, seed: int = 0, samples: int = SPEC_SAMPLES
     ) -> "Workload":
         """From ``key=value`` pairs (or a dict): ``rate``, ``prompt``, ``output`` (``fixed:N``,
-        ``lognormal:MEAN:SIGMA``, ``uniform:LO:HI``), ``burstiness``, ``prefix_hit`` (share of prompt tokens
+        ``lognormal:MEAN:SIGMA``, ``lognormal_median:MEDIAN:SIGMA[:LO:HI]`` as the load generator draws
+        them, ``uniform:LO:HI``), ``burstiness``, ``prefix_hit`` (share of prompt tokens
         served from a shared prefix), ``multi_turn`` (share of requests continuing a session), ``history``
         (share of such a request's prompt that is earlier turns, default 0.7), ``max_len``."""
         items = _parse_spec(spec)
@@ -452,11 +453,17 @@ def _lengths(text: str, n: int, rng: np.random.Generator, what: str, max_len: in
         return np.full(n, int(args[0]), dtype=np.int64)
     if kind == "lognormal" and len(args) == 2 and args[0] >= 1 and args[1] >= 0:
         return _lognormal(args[0], args[1], n, rng, max_len)
+    if kind == "lognormal_median" and len(args) in (2, 4) and args[0] >= 1 and args[1] >= 0:
+        # the load generator's form (engine/loadgen.py LengthDist): median and sigma of the log, clipped
+        lo, hi = (args[2], args[3]) if len(args) == 4 else (1.0, float(max_len))
+        if 1 <= lo <= hi:
+            raw = rng.lognormal(math.log(args[0]), args[1], size=n)
+            return np.clip(np.rint(raw), lo, min(hi, max_len)).astype(np.int64)
     if kind == "uniform" and len(args) == 2 and 1 <= args[0] <= args[1]:
         return rng.integers(int(args[0]), int(args[1]) + 1, size=n).astype(np.int64)
     if kind.isdigit() and not args:
         return np.full(n, int(kind), dtype=np.int64)
     raise WorkloadError(
-        f"workload spec {what}={text!r}: expected fixed:N, lognormal:MEAN:SIGMA or uniform:LO:HI "
-        "with lengths >= 1"
+        f"workload spec {what}={text!r}: expected fixed:N, lognormal:MEAN:SIGMA, "
+        "lognormal_median:MEDIAN:SIGMA[:LO:HI] or uniform:LO:HI with lengths >= 1"
     )

@@ -1,0 +1,226 @@
+"""The prediction side of "advisor against reality" (issue 8): predicted goodput of colocated and split.
+
+:func:`predict_goodput` takes what a validation run knows before it measures anything: the step profile (a
+trace), the workload's length distributions (fixed, or lognormal as the load generator draws them) or a
+sample request log, the SLOs, the GPUs and the KV link. It runs the same fit and search as
+``phaselens advise`` and returns the simulated goodput (req/s over all the placement's GPUs) of the best
+colocated placement and the best split, with the verdict the advisor's rule gives.
+
+The request rate is what the verdict is judged at (the rule compares the GPUs each mode needs at that rate
+and at +-25%); the goodputs themselves do not depend on it. With ``rate=None`` the verdict is judged at the
+colocated goodput, i.e. the load the G GPUs just carry colocated, which is where the question "would a split
+do better" is asked. :attr:`Prediction.command` is the ``phaselens advise`` command line that reports the
+same figures (its ``--json`` has them under ``predicted_goodput_rps`` and ``verdict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from phaselens.advisor.inputs import Cluster, Slo
+from phaselens.advisor.search import Advice, Search
+from phaselens.advisor.step_model import StepModel
+from phaselens.advisor.workload import Workload
+
+log = logging.getLogger(__name__)
+
+#: A length distribution: a fixed length, or (median, sigma, lo, hi) of a clipped lognormal as the load
+#: generator's ``LengthDist`` (engine/loadgen.py), which may be passed itself.
+Lengths = Union[int, tuple[float, float, int, int], Any]
+#: Placeholder rate of the first pass when the rate is not given (the goodputs do not depend on it).
+_NOMINAL_RATE = 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted goodput per mode and the verdict, with the advice behind them."""
+
+    colocated_rps: float | None
+    split_rps: float | None
+    verdict: str
+    colocated_label: str | None
+    split_label: str | None
+    #: the request rate the verdict was judged at
+    rate_rps: float
+    #: the ``phaselens advise`` command line giving the same figures
+    command: list[str]
+    advice: Advice
+
+    @property
+    def split_gain(self) -> float | None:
+        """Split's goodput over colocated's, minus 1 (both on the same GPUs)."""
+        if not self.colocated_rps or self.split_rps is None:
+            return None
+        return self.split_rps / self.colocated_rps - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "colocated_rps": self.colocated_rps,
+            "split_rps": self.split_rps,
+            "colocated_label": self.colocated_label,
+            "split_label": self.split_label,
+            "split_gain": self.split_gain,
+            "verdict": self.verdict,
+            "rate_rps": self.rate_rps,
+            "margin": self.advice.margin,
+            "rejections": list(self.advice.rejections),
+            "step_model_error": dict(self.advice.model.holdout_error),
+            "command": " ".join(self.command),
+        }
+
+
+def length_spec(dist: Lengths) -> str:
+    """The advisor's workload-spec text of a length distribution (``fixed:N`` or ``lognormal_median:...``)."""
+    if isinstance(dist, bool):
+        raise ValueError(f"a length distribution, not {dist!r}")
+    if isinstance(dist, (int, float)):
+        if dist < 1 or int(dist) != dist:
+            raise ValueError(f"a fixed length must be a whole number of tokens >= 1, got {dist!r}")
+        return f"fixed:{int(dist)}"
+    fields = ("median", "sigma", "lo", "hi")
+    if all(hasattr(dist, f) for f in fields):
+        median, sigma, lo, hi = (getattr(dist, f) for f in fields)
+    else:
+        median, sigma, lo, hi = tuple(dist)
+    return f"lognormal_median:{float(median)!r}:{float(sigma)!r}:{int(lo)}:{int(hi)}"
+
+
+def _fmt_rate(rate: float) -> str:
+    return repr(float(rate))
+
+
+def predict_goodput(
+    profile: str | Path | Sequence[str | Path],
+    *,
+    ttft_ms: float,
+    tpot_ms: float,
+    prompt: Lengths | None = None,
+    output: Lengths | None = None,
+    request_log: str | Path | None = None,
+    attainment: float | None = 0.9,
+    ttft_pct: float = 90.0,
+    tpot_pct: float = 90.0,
+    gpus: int = 2,
+    kv_link_gbps: float = 400.0,
+    preset: str = "llama-3.1-8b",
+    tp: int = 1,
+    chunk_budget: int | None = None,
+    max_num_seqs: int | None = None,
+    rate: float | None = None,
+    burstiness: float = 1.0,
+    ttft_overhead_ms: float | None = None,
+    gpu_name: str | None = None,
+    seeds: int = 2,
+    n_requests: int = 1000,
+) -> Prediction:
+    """Predicted goodput (req/s, all GPUs) of the best colocated placement and the best split on ``gpus``
+    GPUs at TP ``tp``, and the advisor's verdict.
+
+    The workload is ``prompt`` and ``output`` (each a fixed length or a load-generator lognormal, Poisson
+    arrivals unless ``burstiness`` says otherwise), or a ``request_log`` from ``phaselens serve
+    --request-log`` (lengths, burstiness and measured TTFTs from the log). Given with lengths, the log serves
+    only to estimate the TTFT overhead. ``chunk_budget`` and ``max_num_seqs`` are the
+    serving engine's ``--max-num-batched-tokens`` and ``--max-num-seqs`` (so colocated is judged at the
+    engine's own chunk budget). ``kv_link_gbps`` is the per-GPU bandwidth between the pools in Gb/s (a
+    measured peer copy of B bytes/s is ``B * 8 / 1e9``). ``ttft_overhead_ms``: time outside the engine's steps
+    in every TTFT; None estimates it from the request log as ``phaselens advise`` does (0 without a log).
+    Raises :class:`~phaselens.advisor.inputs.InputError` or ``ValueError`` naming a bad input.
+    """
+    from phaselens.advisor.commands import estimate_ttft_overhead
+    from phaselens.engine.config import preset as get_preset
+    from phaselens.gpus import gpu_spec
+    from phaselens.trace import read_trace
+
+    paths = [str(profile)] if isinstance(profile, (str, Path)) else [str(p) for p in profile]
+    if (prompt is None) != (output is None):
+        raise ValueError("give both prompt and output lengths (or neither, with a request_log)")
+    if prompt is None and request_log is None:
+        raise ValueError("give the workload: prompt and output lengths, or a request_log")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"request rate must be > 0 req/s, got {rate!r}")
+    model_cfg = get_preset(preset)
+    steps = []
+    for path in paths:
+        tr = read_trace(path)
+        steps.extend(tr.steps)
+        if gpu_name is None and tr.meta is not None and tr.meta.gpus:
+            gpu_name = tr.meta.gpus[0].name
+    if gpu_name is None:
+        raise ValueError(f"the profile {', '.join(paths)} names no GPU (no meta record): give gpu_name")
+    step_model = StepModel.fit(steps, model=model_cfg, tp=1, source=", ".join(paths))
+    if "host" in {s.clock.value for s in steps}:
+        step_model = replace(step_model, flags=step_model.flags + (
+            "steps timed on the host clock (CPU engine): GPU timings will differ",))
+
+    cmd = ["phaselens", "advise", *[a for p in paths for a in ("--trace", p)], "--preset", preset,
+           "--gpus", str(gpus), "--tp", str(tp), "--kv-link-gbps", repr(float(kv_link_gbps)),
+           "--ttft-ms", repr(float(ttft_ms)), "--tpot-ms", repr(float(tpot_ms)),
+           "--ttft-pct", repr(float(ttft_pct)), "--tpot-pct", repr(float(tpot_pct)),
+           "--seeds", str(seeds), "--requests", str(n_requests), "--json", "--html", ""]
+    if attainment is not None:
+        cmd += ["--attainment", repr(float(attainment))]
+    if chunk_budget is not None:
+        cmd += ["--chunk-budget", str(chunk_budget)]
+    if max_num_seqs is not None:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
+
+    def spec_text(r: float) -> str:
+        assert prompt is not None and output is not None
+        return (f"rate={_fmt_rate(r)},prompt={length_spec(prompt)},output={length_spec(output)},"
+                f"burstiness={float(burstiness)!r}")
+
+    logged = None if request_log is None else Workload.from_request_log(request_log, rate=rate)
+    if ttft_overhead_ms is not None:
+        overhead_s = ttft_overhead_ms / 1e3
+    else:
+        overhead_s = 0.0 if logged is None else estimate_ttft_overhead(step_model, logged, 1)
+    from_log = prompt is None
+    if from_log:
+        assert logged is not None
+        workload = logged
+    else:
+        workload = Workload.from_spec(spec_text(rate or _NOMINAL_RATE))
+    slo = Slo(ttft_ms / 1e3, tpot_ms / 1e3, ttft_pct, tpot_pct, attainment)
+    cluster = Cluster(gpus=gpus, gpu=gpu_spec(gpu_name), model=model_cfg, gpus_per_node=max(8, gpus),
+                      kv_link_gbps=kv_link_gbps, tp_degrees=(tp,), ttft_overhead_s=overhead_s,
+                      chunk_budget=chunk_budget, max_num_seqs=max_num_seqs)
+    if ttft_overhead_ms is not None or not from_log:
+        cmd += ["--ttft-overhead-ms", repr(overhead_s * 1e3)]
+    if cluster.gpus_per_node != 8:
+        cmd += ["--gpus-per-node", str(cluster.gpus_per_node)]
+
+    def search(wl: Workload) -> Search:
+        return Search(step_model, wl, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests)
+
+    advice = search(workload).run()
+    if rate is None:
+        # judge the verdict at the load the GPUs just carry colocated (the goodputs do not depend on it)
+        at = next((f.goodput for f in (advice.colocated, advice.split) if f is not None and f.goodput > 0),
+                  None)
+        if at is not None and math.isfinite(at):
+            workload = workload.with_rate(at)
+            again = search(workload)
+            advice = again.decide(again.screen(), advice.colocated, advice.split, advice.conditional,
+                                  advice.screen_candidates)
+    if from_log:
+        cmd += ["--request-log", str(request_log), "--rate", _fmt_rate(workload.rate)]
+    else:
+        cmd += ["--workload", spec_text(workload.rate)]
+    colo, split = advice.colocated, advice.split
+    return Prediction(
+        colocated_rps=None if colo is None else colo.goodput,
+        split_rps=None if split is None else split.goodput,
+        verdict=advice.verdict,
+        colocated_label=None if colo is None else colo.placement.label,
+        split_label=None if split is None else split.placement.label,
+        rate_rps=workload.rate,
+        command=cmd,
+        advice=advice,
+    )
+
+
+__all__ = ["Prediction", "predict_goodput", "length_spec"]
