@@ -17,8 +17,9 @@ One workload per call (``--workload long|short``), on a machine with two GPUs (`
    at which at least 90% of requests meet both SLOs (TTFT and TPOT), by bisection over real load runs
    (``engine/loadgen.py``), bracketed from the prediction. Each run sends about ``--run-seconds`` of arrivals;
    a run counts every request it sent.
-6. **Same-load ITL**: both modes at one rate (``--itl-rate-frac`` of the lower measured goodput): inter-token
-   latency p99 and p50, the "stalls disappear" claim.
+6. **Same-load ITL**: both searches start at the same rate (the lower prediction) with the same seeded
+   requests; those first runs give both modes' inter-token latency p99 and p50 at one load (the "stalls
+   disappear" claim).
 
 Writes ``validate_<workload>.json`` (everything), ``profile.jsonl`` (when collected), the sample request log
 ``requests_<workload>.jsonl`` and a Markdown block into ``--out-dir``; appends the block to ``--results``.
@@ -50,6 +51,8 @@ from serve_latency import free_port, wait_until_up  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 #: joint SLO attainment that defines goodput (DistServe's definition, and the issue's)
 ATTAINMENT = 0.9
+#: the server's max_num_seqs per worker (the engine's default), told to the advisor too
+MAX_NUM_SEQS = 64
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ WORKLOADS = {
     "long": Workload("long", (4000.0, 0.1, 3500, 4500), (300.0, 0.1, 250, 350), ttft_ms=1500.0, tpot_ms=20.0),
     "short": Workload("short", (200.0, 0.1, 150, 250), (200.0, 0.1, 150, 250), ttft_ms=300.0, tpot_ms=20.0),
     # the procedure end to end on CPU with the tiny preset (tests, and a dry run before device time)
-    "smoke": Workload("smoke", (48.0, 0.2, 16, 96), (8.0, 0.1, 6, 10), ttft_ms=500.0, tpot_ms=100.0),
+    "smoke": Workload("smoke", (48.0, 0.2, 16, 96), (8.0, 0.1, 6, 10), ttft_ms=2000.0, tpot_ms=500.0),
 }
 
 
@@ -114,8 +117,11 @@ class Server:
         self.log_file = open(out_dir / "server.log", "w")
         cmd = [sys.executable, "-m", "phaselens", "serve", "--preset", preset, "--workers", "2", "--device",
                device, "--port", str(self.port), "--request-log", str(log_path), "--admin-token-file",
-               str(token_file), "--max-num-batched-tokens", str(chunk), "--max-queue", "4096", "--no-shim",
-               "--no-prefix-caching"]
+               str(token_file), "--max-num-batched-tokens", str(chunk), "--max-num-seqs", str(MAX_NUM_SEQS),
+               "--max-queue", "4096", "--no-prefix-caching",
+               # step records to files (to set the step model against serving steps), no agent socket
+               "--shim-jsonl", str(out_dir / "serve_steps_{worker}.jsonl"),
+               "--shim-socket", str(out_dir / "no-agent.sock")]
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
         wait_until_up(self.proc, self.url, start_timeout_s)
 
@@ -151,7 +157,7 @@ def load_run(url: str, model: str, wl: Workload, rate: float, n: int, seed: int)
     return summary
 
 
-def _requests_for(rate: float, run_s: float, lo: int = 40, hi: int = 600) -> int:
+def _requests_for(rate: float, run_s: float, lo: int = 40, hi: int = 1500) -> int:
     return int(min(hi, max(lo, round(rate * run_s))))
 
 
@@ -195,14 +201,12 @@ def predict(preset: str, profile: Path, request_log: Path, wl: Workload, link_by
     """``phaselens advise`` on the profile and the sample request log, for G=2 at TP1; its JSON."""
     cmd = [sys.executable, "-m", "phaselens", "advise", "--trace", str(profile), "--request-log",
            str(request_log), "--preset", preset, "--gpus", "2", "--tp", "1", "--ttft-ms", str(wl.ttft_ms),
-           "--tpot-ms", str(wl.tpot_ms), "--attainment", str(ATTAINMENT), "--json", "--html", str(html)]
+           "--tpot-ms", str(wl.tpot_ms), "--attainment", str(ATTAINMENT), "--chunk-budget", str(chunk),
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--json", "--html", str(html)]
     if link_bytes_per_s is not None:
         cmd += ["--kv-link-gbps", f"{link_bytes_per_s * 8 / 1e9:.1f}"]
     else:  # CPU smoke run: the profile's meta names no GPU with known peaks; any will do for a dry run
         cmd += ["--gpu", "NVIDIA H100 80GB HBM3"]
-    if "--chunk-budget" in subprocess.run([sys.executable, "-m", "phaselens", "advise", "--help"],
-                                          capture_output=True, text=True).stdout:
-        cmd += ["--chunk-budget", str(chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise click.ClickException(f"advise failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -244,14 +248,13 @@ def predicted_goodput(advice: dict[str, Any]) -> dict[str, Any]:
               help="Seconds of arrivals per load run.")
 @click.option("--max-runs", type=click.IntRange(min=2), default=6, show_default=True,
               help="Load runs per mode in the goodput search.")
-@click.option("--itl-rate-frac", type=click.FloatRange(0.1, 1.0), default=0.8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS,
               show_default=True)
 def main(wl_name: str, preset: str, device: str, out_dir: Path, profile: Path | None, collect_profile: bool,
          chunk: int,
          sample_requests: int, sample_rate: float | None, run_seconds: float, max_runs: int,
-         itl_rate_frac: float, seed: int, results: Path) -> None:
+         seed: int, results: Path) -> None:
     import torch
 
     wl = WORKLOADS[wl_name]
@@ -298,12 +301,16 @@ def main(wl_name: str, preset: str, device: str, out_dir: Path, profile: Path | 
 
         measured: dict[str, float] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
+        # both searches start at the same rate with the same seeded requests: their first runs are the
+        # same-load comparison (inter-token latency p99 of both modes)
+        known = [v for v in (pred["colocated"], pred["split"]) if v]
+        common = min(known) if known else rate0
         for mode in ("colocated", "split"):
             if mode == "split":
                 report["mode_change"] = server.set_mode("split")
             click.echo(f"[{time.monotonic() - started:5.0f} s] measuring {mode}")
             runs[mode] = []
-            guess = pred[mode] or rate0
+            guess = common
             measured[mode] = find_goodput(server.url, preset, wl, guess, run_seconds, max_runs, seed + 1,
                                           runs[mode])
         report["measured"] = measured
@@ -312,13 +319,9 @@ def main(wl_name: str, preset: str, device: str, out_dir: Path, profile: Path | 
             "itl_p99_s": r["summary"]["itl_s"]["p99"], "failed": r["summary"]["failed"],
             "requests": r["summary"]["requests"]} for r in rs] for m, rs in runs.items()}
 
-        passed = [v for v in measured.values() if v > 0]
-        common = itl_rate_frac * min(passed) if passed else rate0
         itl: dict[str, Any] = {}
-        for mode in ("split", "colocated"):  # the server is in split mode now
-            if mode == "colocated":
-                server.set_mode("colocated")
-            s = load_run(server.url, preset, wl, common, _requests_for(common, run_seconds), seed + 2000)
+        for mode, rs in runs.items():
+            s = rs[0]["summary"]
             itl[mode] = {"rate": common, "itl_p50_s": s["itl_s"]["p50"], "itl_p99_s": s["itl_s"]["p99"],
                          "tpot_p90_s": s["tpot_s"]["p90"], "ttft_p90_s": s["ttft_s"]["p90"],
                          "attainment": s["slo"]["attainment"], "failed": s["failed"]}
@@ -348,9 +351,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"- SLOs: TTFT <= {wl['ttft_ms']:.0f} ms and TPOT <= {wl['tpot_ms']:.0f} ms per request, "
              f"goodput = highest rate with >= {r['attainment']:.0%} of requests meeting both",
              f"- server: `phaselens serve --preset {r['preset']} --workers 2 --device {r['device']} "
-             f"--max-num-batched-tokens {r['chunk']} --max-queue 4096 --no-shim --no-prefix-caching`; "
-             "split = `POST /admin/mode` "
-             "prefill 1 decode 1",
+             f"--max-num-batched-tokens {r['chunk']} --max-num-seqs {MAX_NUM_SEQS} --max-queue 4096 "
+             "--no-prefix-caching --shim-jsonl ...`; split = `POST /admin/mode` prefill 1 decode 1",
              f"- link cuda:0 -> cuda:1 (plain peer copy): "
              f"{(r['link_bytes_per_s'] or 0) / 1e9:.1f} GB/s (0: CPU run, the advisor's default link)",
              f"- prediction: `{r['advise_command']}`", "",
