@@ -30,7 +30,7 @@ from phaselens.engine.kv_transfer import KVTransfer, TransferResult
 from phaselens.engine.protocol import Handoff, KVHandle
 from phaselens.engine.loader import resolve
 from phaselens.engine.sampling_params import SamplingParams
-from phaselens.engine.scheduler import Scheduler
+from phaselens.engine.scheduler import Scheduler, SchedulerOutput
 from phaselens.engine.sequence import Sequence, SequenceStatus
 from phaselens.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from phaselens.engine.worker import Worker
@@ -314,7 +314,7 @@ class LLMEngine:
         self.decode_tokens += out.num_decodes
         self.prefill_tokens += out.num_tokens - out.num_decodes
         self.scheduler.update(out)
-        outputs = [self._append(out.scheduled[i].seq, tok) for i, tok in zip(inputs.sample_index, sampled)]
+        outputs = self._outputs(out, inputs.sample_index, sampled)
         if not self.has_unfinished_requests():
             # This step's record goes out with the next step's step_end, while that step's kernels run (off
             # the critical path: emitting it here, after the host sync, cost 1-2% of 8B decode throughput on
@@ -322,10 +322,16 @@ class LLMEngine:
             self.shim.poll()
         return outputs
 
+    def _outputs(self, out: SchedulerOutput, sample_index: list[int],
+                 sampled: list[int]) -> list[RequestOutput]:
+        """Append each sampled token to its sequence; the request outputs, finished ones taken out."""
+        sched = out.scheduled
+        return [self._append(sched[i].seq, tok) for i, tok in zip(sample_index, sampled)]
+
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
-        outputs = seq.output_token_ids
+        outputs = seq.output_token_ids  # a new list: it goes into the RequestOutput as it is
         prev_len = len(seq.text)
         det = seq.detokenizer
         assert det is not None  # attached in add_request
@@ -349,7 +355,7 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.remove(seq)
             self._seqs.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, [token], list(outputs), seq.text, seq.finished,
+        return RequestOutput(seq.request_id, [token], outputs, seq.text, seq.finished,
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
 
     @staticmethod

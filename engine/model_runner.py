@@ -10,13 +10,16 @@ On CUDA, decode-only steps replay a captured CUDA graph of the forward (engine/c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from phaselens.engine.cuda_graphs import DecodeGraphs
 from phaselens.engine.model import LlamaModel
 from phaselens.engine.sampler import Sampler
 from phaselens.engine.scheduler import SchedulerOutput
+from phaselens.engine.sequence import Sequence
 from phaselens.kernels import AttentionMetadata
 
 
@@ -35,6 +38,70 @@ class StepInputs:
     decode_block: torch.Tensor | None = None
 
 
+class _HostBlockTables:
+    """The block tables of the sequences in the last step, kept in a host array from step to step.
+
+    Converting every table from Python ints each step cost about 300 us of a batch-64 decode step with
+    1k-token contexts on the CPU (bench/host_overhead.py), though a table changes once in ``block_size``
+    steps. A sequence's table only grows until the block manager replaces the list (preemption, the end of
+    the request; :class:`~phaselens.engine.sequence.Sequence`), so each sequence keeps a row of
+    :attr:`rows`, and a step writes only the entries appended since the last one; a new list is written
+    whole. Entries past a table's end are 0 (the padding the attention masks out). A sequence missing from
+    a step gives its row back.
+    """
+
+    def __init__(self) -> None:
+        self.rows = np.zeros((8, 64), dtype=np.int64)
+        #: sequence -> [row, the table list written, entries written]
+        self._of: dict[Sequence, list[Any]] = {}
+        self._free = list(range(len(self.rows) - 1, -1, -1))
+
+    def rows_for(self, seqs: list[Sequence]) -> tuple[np.ndarray, int]:
+        """Bring the rows of ``seqs`` up to date; their row numbers, and the longest table's length."""
+        of, rows = self._of, self.rows
+        if len(of) > len(seqs):  # someone left: free the rows of sequences not in this step
+            here = set(seqs)
+            for gone in [q for q in of if q not in here]:
+                row, _, n = of.pop(gone)
+                rows[row, :n] = 0
+                self._free.append(row)
+        idx = []
+        width = 0
+        for q in seqs:
+            table = q.block_table
+            m = len(table)
+            if m > width:
+                width = m
+            e = of.get(q)
+            if e is None:
+                if not self._free:
+                    self._grow(2 * len(self.rows), self.rows.shape[1])
+                e = of[q] = [self._free.pop(), table, 0]
+            row, written, n = e
+            if written is not table or m < n:  # a new list: write it whole
+                self.rows[row, :n] = 0
+                e[1] = table
+                n = 0
+            if m != n:
+                if m > self.rows.shape[1]:
+                    self._grow(len(self.rows), max(m, 2 * self.rows.shape[1]))
+                self.rows[row, n:m] = table[n:m]
+                e[2] = m
+            idx.append(row)
+        return np.array(idx, dtype=np.int64), width
+
+    def gather(self, rows: np.ndarray, width: int, out: np.ndarray) -> None:
+        """``out[i] = rows_array[rows[i], :width]`` (``out``: ``[len(rows), width]``)."""
+        np.take(self.rows[:, :width], rows, axis=0, out=out, mode="clip")
+
+    def _grow(self, n_rows: int, n_cols: int) -> None:
+        grown = np.zeros((n_rows, n_cols), dtype=np.int64)
+        old = self.rows
+        grown[:len(old), :old.shape[1]] = old
+        self._free.extend(range(n_rows - 1, len(old) - 1, -1))
+        self.rows = grown
+
+
 class ModelRunner:
     """Runs the model for a scheduled step over a KV cache it is given."""
 
@@ -45,6 +112,7 @@ class ModelRunner:
         self.device = model.device
         self.sampler = Sampler()
         self._pin = self.device.type == "cuda"
+        self._tables = _HostBlockTables()
         self.graphs: DecodeGraphs | None = None
         #: replay decode graphs when captured (False: every step eager, for A/B comparisons)
         self.use_cuda_graphs = True
@@ -61,11 +129,18 @@ class ModelRunner:
         return (g is not None and self.use_cuda_graphs and out.num_decodes == len(out.scheduled) > 0
                 and g.padded_size(len(out.scheduled)) is not None)
 
-    def _to_device(self, flat: list[int]) -> torch.Tensor:
-        host = torch.tensor(flat, dtype=torch.int64)
-        if self._pin:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+    def _host(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
+        """A fresh int64 host buffer of ``n`` (pinned on CUDA) and its numpy view, filled by the caller.
+
+        Fresh each step, so a copy still in flight never sees the next step's values (the caching host
+        allocator reuses a pinned block only once the copies that read it are done); filled through numpy,
+        which converts Python ints about 4x faster than ``torch.tensor`` of a list.
+        """
+        host = torch.empty(n, dtype=torch.int64, pin_memory=self._pin)
+        return host, host.numpy()
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=True) if self._pin else host.to(self.device)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Pack the step (host work, then one host-to-device copy)."""
@@ -75,22 +150,27 @@ class ModelRunner:
             return self._prepare_decode(out)
         qlens = [s.num_tokens for s in sched]
         ctx = [s.context_len for s in sched]
-        tables = [s.seq.block_table for s in sched]
-        width = max(len(t) for t in tables)
         tokens: list[int] = []
-        for s in sched:
-            tokens += s.seq.token_ids[s.context_len:s.context_len + s.num_tokens]
-        sample_index = [i for i, s in enumerate(sched) if s.samples]
-        cu = [0]
-        for q in qlens:
-            cu.append(cu[-1] + q)
-        sample_rows = [cu[i + 1] - 1 for i in sample_index]
-        flat: list[int] = tokens + qlens + ctx + sample_rows
-        for t in tables:
-            flat += t
-            flat += [0] * (width - len(t))
-        dev = self._to_device(flat)
+        sample_index: list[int] = []
+        sample_rows: list[int] = []
+        for i, s in enumerate(sched):
+            c, n = s.context_len, s.num_tokens
+            tokens += s.seq.token_ids[c:c + n]
+            if c + n == len(s.seq):  # ScheduledSeq.samples: the step reaches the sequence's end
+                sample_index.append(i)
+                sample_rows.append(len(tokens) - 1)
+        rows, width = self._tables.rows_for([s.seq for s in sched])
         n_tok, n_samp = len(tokens), len(sample_rows)
+        host, h = self._host(n_tok + 2 * num_seqs + n_samp + num_seqs * width)
+        h[:n_tok] = tokens
+        o = n_tok
+        h[o:o + num_seqs] = qlens
+        h[o + num_seqs:o + 2 * num_seqs] = ctx
+        o += 2 * num_seqs
+        h[o:o + n_samp] = sample_rows
+        o += n_samp
+        self._tables.gather(rows, width, h[o:].reshape(num_seqs, width))
+        dev = self._to_device(host)
         input_ids, qlen_t, ctx_t, rows_t, table_t = dev.split(
             [n_tok, num_seqs, num_seqs, n_samp, num_seqs * width])
         block_tables = table_t.view(num_seqs, width)
@@ -113,23 +193,22 @@ class ModelRunner:
         device kernels to derive them (the step is a graph replay, launch count matters)."""
         sched = out.scheduled
         b, bs = len(sched), self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        for s in sched:
-            c, table = s.context_len, s.seq.block_table
-            ids.append(s.seq.token_ids[c])
-            pos.append(c)
-            slots.append(table[c // bs] * bs + c % bs)
-            lens.append(c + 1)
-        sample_index = [i for i, s in enumerate(sched) if s.samples]
-        width = max(len(s.seq.block_table) for s in sched)
-        flat = ids + pos + slots + lens + sample_index
-        for s in sched:
-            flat += s.seq.block_table
-            flat += [0] * (width - len(s.seq.block_table))
-        dev = self._to_device(flat)
+        seqs = [s.seq for s in sched]
+        pos = [s.context_len for s in sched]
+        ids = [q.token_ids[c] for q, c in zip(seqs, pos)]
+        # ScheduledSeq.samples: the step reaches the sequence's end (a decode always does)
+        sample_index = [i for i, (q, c) in enumerate(zip(seqs, pos)) if c + 1 == len(q)]
+        # cache slot of each new token: its block * block_size + its offset in the block
+        slots = [q.block_table[c // bs] * bs + c % bs for q, c in zip(seqs, pos)]
+        rows, width = self._tables.rows_for(seqs)
+        n_samp = len(sample_index)
+        host, h = self._host(4 * b + n_samp + b * width)
+        h[:4 * b + n_samp] = ids + pos + slots + [c + 1 for c in pos] + sample_index
+        self._tables.gather(rows, width, h[4 * b + n_samp:].reshape(b, width))
+        dev = self._to_device(host)
         block = dev[:4 * b].view(4, b)
-        rows_t = dev[4 * b:4 * b + len(sample_index)]
-        block_tables = dev[4 * b + len(sample_index):].view(b, width)
+        rows_t = dev[4 * b:4 * b + n_samp]
+        block_tables = dev[4 * b + n_samp:].view(b, width)
         meta = AttentionMetadata(block_size=bs, num_decodes=b, query_lens=[1] * b, context_lens=pos,
                                  slot_mapping=block[2], block_tables=block_tables, decode_seq_lens=block[3])
         return StepInputs(block[0], block[1], meta, rows_t, sample_index, decode_block=block)

@@ -43,27 +43,34 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    #: (len(scheduled), tokens, decodes) when last counted: a step asks for its counts several times, and
+    #: ``scheduled`` is only ever appended to, so its length says whether they are still right
+    _counts: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False, compare=False)
+
+    def _count(self) -> tuple[int, int, int]:
+        sched = self.scheduled
+        if self._counts[0] != len(sched):
+            self._counts = (len(sched), sum(s.num_tokens for s in sched),
+                            sum(1 for s in sched if not s.is_prefill))
+        return self._counts
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return self._count()[1]
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for s in self.scheduled if not s.is_prefill)
+        return self._count()[2]
 
     @property
     def phase(self) -> Phase | None:
         """None for an empty step."""
-        has_prefill = any(s.is_prefill for s in self.scheduled)
-        has_decode = any(not s.is_prefill for s in self.scheduled)
-        if has_prefill and has_decode:
-            return Phase.MIXED
-        if has_prefill:
-            return Phase.PREFILL
-        if has_decode:
+        n, _, decodes = self._count()
+        if n == 0:
+            return None
+        if decodes == n:
             return Phase.DECODE
-        return None
+        return Phase.MIXED if decodes else Phase.PREFILL
 
     def prefill_seqs(self) -> list[tuple[int, int, bool]]:
         """``(chunk_len, cached_ctx_before, samples)`` of each prefill chunk (the shim's ``prefill_seqs``)."""
@@ -121,41 +128,49 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        in_step: set[int] = set()
+        in_step: set[Sequence] = set()
+        scheduled = out.scheduled
 
         def take(seq: Sequence, n: int) -> None:
             nonlocal budget
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens, seq.is_prefilling))
-            in_step.add(id(seq))
+            scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens, seq.is_prefilling))
+            in_step.add(seq)
             budget -= n
 
         def make_room(seq: Sequence, n: int) -> bool:
             """Allocate for ``seq``, preempting later sequences not in this step; False if ``seq`` went."""
             while not self.block_manager.allocate(seq, n):
-                victim = next((s for s in reversed(self.running) if id(s) not in in_step and s is not seq),
-                              None)
+                victim = next((s for s in reversed(self.running) if s not in in_step and s is not seq), None)
                 self._preempt(victim or seq, out)
                 if victim is None:
                     return False
             return True
 
-        # 1. decodes
+        # 1. decodes; the prefills under way are noted, in order, for 2.
+        bs = self.block_manager.block_size
+        under_way: list[Sequence] = []
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling and make_room(seq, 1):
-                take(seq, 1)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if seq.is_prefilling:
+                under_way.append(seq)
+            # the next token's slot is in the last block (15 steps of 16 at block size 16): no allocation
+            elif seq.num_computed_tokens < len(seq.block_table) * bs or make_room(seq, 1):
+                scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, False))  # take(seq, 1)
+                in_step.add(seq)
+                budget -= 1
         # 2. prefills under way
-        for seq in list(self.running):
+        for seq in under_way:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_prefilling or id(seq) in in_step:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for a decode in 1.
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             if make_room(seq, n):
                 take(seq, n)
         # 3. new prefills; none in a step that had to preempt (the cache is full: admitting would thrash)
-        bs = self.block_manager.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             cached = self.block_manager.cached_prefix(seq)
@@ -184,8 +199,12 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are in the cache; register completed blocks."""
+        bm = self.block_manager
+        bs = bm.block_size
         for s in out.scheduled:
-            if s.seq.status is not SequenceStatus.RUNNING:  # aborted since it was scheduled
+            seq = s.seq
+            if seq.status is not SequenceStatus.RUNNING:  # aborted since it was scheduled
                 continue
-            s.seq.num_computed_tokens += s.num_tokens
-            self.block_manager.register_full_blocks(s.seq)
+            seq.num_computed_tokens += s.num_tokens
+            if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:  # a block was filled
+                bm.register_full_blocks(seq)
