@@ -86,9 +86,20 @@ class StepShape:
     bytes: float
 
 
+#: :class:`StepShape`'s fields as a plain tuple, in its order (the shim's hot path builds no dataclass)
+StepFigures = tuple[int, int, int, int, int, float, float]
+
+
 def step_shape(model_config: ModelConfig, prefill_seqs: Sequence[PrefillChunk], decode_ctx: Sequence[int],
                dtype_bytes: int) -> StepShape:
     """Counts and cost of a step in one pass; see :func:`step_cost`. ValueError names a bad value."""
+    return StepShape(*step_figures(model_config, prefill_seqs, decode_ctx, dtype_bytes))
+
+
+def step_figures(model_config: ModelConfig, prefill_seqs: Sequence[PrefillChunk], decode_ctx: Sequence[int],
+                 dtype_bytes: int) -> StepFigures:
+    """:func:`step_shape` as a tuple ``(prefill_tokens, decode_tokens, batch, context_tokens, sampling_seqs,
+    flops, bytes)``."""
     if dtype_bytes <= 0:
         raise ValueError(f"dtype_bytes must be > 0, got {dtype_bytes}")
     prefill_tokens = context = sampling = pairs = 0
@@ -116,7 +127,7 @@ def step_shape(model_config: ModelConfig, prefill_seqs: Sequence[PrefillChunk], 
         weights = L * (linear + 2 * h) + h + (h * cfg.vocab_size if sampling else 0)
         kv_elems = 2 * L * cfg.kv_size * (context + tokens)  # read the attended context, write the new tokens
         nbytes = float(dtype_bytes * (weights + tokens * h + kv_elems))
-    return StepShape(prefill_tokens, decodes, len(prefill_seqs) + decodes, context, sampling, flops, nbytes)
+    return prefill_tokens, decodes, len(prefill_seqs) + decodes, context, sampling, flops, nbytes
 
 
 def step_cost(model_config: ModelConfig, prefill_seqs: Sequence[PrefillChunk], decode_ctx: Sequence[int],

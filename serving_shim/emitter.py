@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from phaselens.trace import MetaRecord, Record, TraceWriter, dumps
 
@@ -43,6 +43,31 @@ DEFAULT_BACKLOG = 1024
 
 #: After finding no agent, drop records unsent for this long before trying the socket again.
 RECONNECT_INTERVAL_S = 1.0
+
+
+class LazyRecord(Protocol):
+    """A record its producer serializes itself: ``json()`` equals ``dumps(record())``, and each is called only
+    when needed: no line is formatted while the agent is known to be absent, no record object is built
+    without a JSONL file."""
+
+    def json(self) -> str: ...
+
+    def record(self) -> Record: ...
+
+
+class _Built:
+    """A built record as a :class:`LazyRecord`."""
+
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: Record) -> None:
+        self.rec = rec
+
+    def json(self) -> str:
+        return dumps(self.rec)
+
+    def record(self) -> Record:
+        return self.rec
 
 
 class PhaseEmitter:
@@ -96,15 +121,19 @@ class PhaseEmitter:
 
     def emit(self, rec: Record) -> bool:
         """Send (and write) one record; True if the datagram went out now. Never raises or waits."""
+        return self.emit_lazy(_Built(rec))
+
+    def emit_lazy(self, rec: LazyRecord) -> bool:
+        """:meth:`emit` for a record serialized by its producer (the shim's step records)."""
         ok = True
         if self._sock is not None:
             if self._absent_until > self._monotonic():
                 self._note_drop(self._absent_reason)
                 ok = False
             else:
-                ok = self._send(dumps(rec).encode())
+                ok = self._send(rec.json().encode())
         if self._writer is not None:
-            self._write(rec)
+            self._write(rec.record())
         return ok
 
     def retry(self) -> int:

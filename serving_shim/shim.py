@@ -25,11 +25,12 @@ import torch
 from phaselens.engine.config import ModelConfig
 from phaselens.gpus import find_gpu_spec
 from phaselens.phase import Clock, Phase, Role
-from phaselens.serving_shim.cost import PrefillChunk, StepShape, step_shape
+from phaselens.serving_shim.cost import PrefillChunk, StepFigures, step_figures
 from phaselens.serving_shim.device import gpu_uuid_for
 from phaselens.serving_shim.emitter import DEFAULT_SOCKET_PATH, RECONNECT_INTERVAL_S, PhaseEmitter
+from phaselens.serving_shim.step_line import StepLine, step_head
 from phaselens.serving_shim.timer import DEFAULT_CAPACITY, StepTimer
-from phaselens.trace import GpuInfo, MetaRecord, StepRecord
+from phaselens.trace import GpuInfo, MetaRecord
 
 __all__ = ["DEFAULT_SOCKET_PATH", "PhaseShim", "ShimStats"]
 
@@ -49,22 +50,19 @@ class ShimStats:
     written: int = 0
 
 
-@dataclass(frozen=True)
-class _StepInfo:
-    step: int
-    phase: Phase
-    shape: StepShape
+#: what the timer keeps of a step until its interval is known: (step number, phase, figures)
+_StepInfo = tuple[int, Phase, StepFigures]
 
 
-def _check_phase(phase: Phase, shape: StepShape) -> None:
-    has_prefill, has_decode = shape.prefill_tokens > 0, shape.decode_tokens > 0
+def _check_phase(phase: Phase, prefill_tokens: int, decode_tokens: int) -> None:
+    has_prefill, has_decode = prefill_tokens > 0, decode_tokens > 0
     expected = (Phase.MIXED if has_prefill and has_decode else Phase.PREFILL if has_prefill
                 else Phase.DECODE if has_decode else None)
     if expected is None:
         raise ValueError("step_end() with no prefill chunk and no decode: an empty step is not a step")
     if phase is not expected:
         raise ValueError(f"step_end(phase={phase.value!r}) but the step carries "
-                         f"{shape.prefill_tokens} prefill and {shape.decode_tokens} decode tokens "
+                         f"{prefill_tokens} prefill and {decode_tokens} decode tokens "
                          f"(that is {expected.value!r})")
 
 
@@ -98,6 +96,8 @@ class PhaseShim:
         self.clock = Clock.GPU if self.device.type == "cuda" else Clock.HOST
         self._closed_stats = ShimStats()
         self._last_flush = time.monotonic()
+        self._head_key: tuple[str, str, Role] | None = None
+        self._head = ""
         if not enabled:
             return
         self.gpu_uuid = gpu_uuid or gpu_uuid_for(self.device)
@@ -124,9 +124,9 @@ class PhaseShim:
         timer = self._timer
         if timer is None:
             return
-        shape = step_shape(self.model_config, prefill_seqs, decode_ctx, self.dtype_bytes)
-        _check_phase(phase, shape)
-        timer.end(_StepInfo(self.steps, phase, shape))
+        figures = step_figures(self.model_config, prefill_seqs, decode_ctx, self.dtype_bytes)
+        _check_phase(phase, figures[0], figures[1])
+        timer.end((self.steps, phase, figures))
         self.steps += 1
         self.poll()
 
@@ -141,13 +141,14 @@ class PhaseShim:
         if now - self._last_flush >= FLUSH_INTERVAL_S:  # a tailing reader sees the JSONL within a second
             self._last_flush = now
             emitter.flush()
-        for info, t0, t1 in done:
-            s = info.shape
-            emitter.emit(StepRecord(
-                gpu_uuid=self.gpu_uuid, engine_id=self.engine_id, role=self.role, phase=info.phase,
-                step=info.step, t0_ns=t0, t1_ns=t1, clock=timer.clock, prefill_tokens=s.prefill_tokens,
-                decode_tokens=s.decode_tokens, batch=s.batch, context_tokens=s.context_tokens, flops=s.flops,
-                bytes=s.bytes))
+        if done:
+            uuid, engine, role, clock = self.gpu_uuid, self.engine_id, self.role, timer.clock
+            key = (uuid, engine, role)
+            if key != self._head_key:  # the role changes with a split-mode switch
+                self._head_key, self._head = key, step_head(uuid, engine, role)
+            head = self._head
+            for (step, phase, figures), t0, t1 in done:
+                emitter.emit_lazy(StepLine(head, uuid, engine, role, phase, step, t0, t1, clock, figures))
         return len(done)
 
     def close(self, timeout_s: float = 2.0) -> None:
