@@ -3,7 +3,8 @@ disabled (the A/B baseline), alternating in one run (issue 2: "with no agent lis
 same speed").
 
 The modes alternate *step by step*: one engine holds three shims and swaps them in turn, step ``i`` of a run
-using mode ``(i + offset) % 3``. Each group of three runs uses offsets 0, 1, 2, so every step of the (same,
+using mode ``(i + offset) % 3`` of a cycle that is reversed every other group (so each mode follows each of
+the others equally often). Each group of three runs uses offsets 0, 1, 2, so every step of the (same,
 deterministic) workload runs once under each mode, and each step is compared with its own twin under the
 disabled shim. Slow spells and drift of the machine (seen on the H100 VM: +-20% from run to run, rising over
 a minute) hit all three modes alike instead of whichever mode ran then. The first group is a warm-up left
@@ -103,12 +104,20 @@ class StepTime:
     tokens: int
 
 
+def _order(group: int) -> tuple[str, ...]:
+    """The modes' cycle in ``group``: reversed every other group, so that each mode follows each of the
+    others equally often (a fixed cycle put every ``nobody`` step right after a ``listener`` one, whose
+    listener process then wakes to read the record)."""
+    return MODES if group % 2 == 0 else MODES[::-1]
+
+
 def _run_interleaved(engine, shims: dict, prompts, max_tokens: int, group: int,
                      offset: int) -> list[StepTime]:
-    """One run of the workload, step ``i`` under mode ``MODES[(i + offset) % 3]``."""
+    """One run of the workload, step ``i`` under mode ``_order(group)[(i + offset) % 3]``."""
     from phaselens.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    order = _order(group)
     for i, p in enumerate(prompts):
         engine.add_request(f"g{group}-o{offset}-{i}", p, params)
     _sync(engine.config.device)
@@ -116,7 +125,7 @@ def _run_interleaved(engine, shims: dict, prompts, max_tokens: int, group: int,
     counts = dict(engine.steps_by_phase)
     i = 0
     while engine.has_unfinished_requests():
-        mode = MODES[(i + offset) % 3]
+        mode = order[(i + offset) % 3]
         engine.shim = shims[mode]
         ts = time.perf_counter()
         tokens = sum(len(o.new_token_ids) for o in engine.step())  # its .tolist() waits for the GPU
