@@ -38,6 +38,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.prefill_target = len(self.token_ids)
+        #: KV block ids in token order. Only appended to until the block manager replaces the whole list
+        #: (freeing the sequence): the runner keeps a copy between steps and writes only what was appended
         self.block_table: list[int] = []
         #: chained hashes of the full blocks registered in the prefix cache, in order
         self.block_hashes: list[int] = []
