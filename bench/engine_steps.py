@@ -14,6 +14,7 @@ Prints a table and appends it to bench/RESULTS.md (``--results FILE`` to write e
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import platform
@@ -298,6 +299,7 @@ def main(preset_name: str, device: str, prefill: int, context: int, batches: str
         rows += _runner_rows(cfg, dev, prefill, context, batch_sizes, runner_variants, block_size, warmup,
                              iters, profile)
         if dev.type == "cuda":
+            gc.collect()  # the runner's model, cache and graphs, before the engine allocates its own
             torch.cuda.empty_cache()
     if "engine" in variant_list:
         for case, host_s, dev_s, flops, nbytes in _engine_decode(preset_name, device, batch_sizes, context,
