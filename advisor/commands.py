@@ -109,6 +109,12 @@ def _duration_s(text: str) -> float:
     default=None,
     help="Most sequences one engine instance runs at once (its --max-num-seqs); default: no limit.",
 )
+@click.option(
+    "--split-decode-uncapped",
+    is_flag=True,
+    help="Split decode instances take handed-off sequences past --max-num-seqs, and run those batches "
+    "without CUDA graphs (the bundled engine's decode role when issue 8 was measured).",
+)
 @click.option("--ttft-ms", type=float, required=True, help="TTFT target (ms).")
 @click.option("--tpot-ms", type=float, required=True, help="TPOT target (ms).")
 @click.option(
@@ -127,6 +133,14 @@ def _duration_s(text: str) -> float:
     help="Latency outside the engine's steps added to every TTFT (front-end, tokenization); default: "
     "estimated from the request log and the step model, else 0.",
 )
+@click.option(
+    "--serving-overhead-ms",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Host time per step the serving path adds to the profile's cadence (output streaming to the "
+    "front-end), besides which each sequence pays the engine's per-sequence host time once more; default: "
+    "estimated from the request log's TPOTs, else none.",
+)
 @click.option("--seeds", type=click.IntRange(1, 16), default=2, show_default=True, help="Simulation seeds.")
 @click.option(
     "--requests",
@@ -135,6 +149,14 @@ def _duration_s(text: str) -> float:
     default=1000,
     show_default=True,
     help="Requests per simulation run.",
+)
+@click.option(
+    "--run-seconds",
+    "run_s",
+    type=click.FloatRange(min=1.0),
+    default=None,
+    help="Simulate load runs of this many seconds of arrivals (rate x seconds requests, 40..1500), as a "
+    "benchmark's goodput search runs them, instead of --requests (steady state).",
 )
 @click.option("--no-simulate", is_flag=True, help="Closed-form screen only (fast; less exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
@@ -175,14 +197,17 @@ def advise(
     price_per_gpu_hour: float,
     chunk_budget: int | None,
     max_num_seqs: int | None,
+    split_decode_uncapped: bool,
     ttft_ms: float,
     tpot_ms: float,
     ttft_pct: float,
     tpot_pct: float,
     attainment: float | None,
     ttft_overhead_ms: float | None,
+    serving_overhead_ms: float | None,
     seeds: int,
     n_requests: int,
+    run_s: float | None,
     no_simulate: bool,
     as_json: bool,
     html_path: str,
@@ -269,6 +294,7 @@ def advise(
             tp_degrees=tuple(tp_degrees),
             chunk_budget=chunk_budget,
             max_num_seqs=max_num_seqs,
+            split_decode_cap=not split_decode_uncapped,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
@@ -301,6 +327,8 @@ def advise(
         hint = "--request-log" if request_log else "--workload" if workload_spec else "--prometheus"
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
+    step_model = calibrate_serving(step_model, workload, measured_tp, chunk_budget,
+                                   None if serving_overhead_ms is None else serving_overhead_ms / 1e3)
     if ttft_overhead_ms is None:
         overhead = estimate_ttft_overhead(step_model, workload, measured_tp)
         if overhead > 0:
@@ -310,7 +338,7 @@ def advise(
                 + (
                     f"TTFT overhead outside the steps estimated at {overhead * 1e3:.1f} ms (25th percentile "
                     "of measured "
-                    "TTFT minus the step model's prefill time, from the request log)",
+                    "TTFT minus the step model's prefill step, host gap included, from the request log)",
                 ),
             )
     else:
@@ -328,6 +356,7 @@ def advise(
             seeds=tuple(range(seeds)),
             n_requests=n_requests,
             simulate=not no_simulate,
+            run_s=run_s,
         ).run()
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
@@ -377,15 +406,37 @@ def _flag(model: StepModel, text: str) -> StepModel:
     return replace(model, flags=model.flags + (text,))
 
 
+def calibrate_serving(model: StepModel, workload: Workload | None, tp: int, chunk_budget: int | None,
+                      given_s: float | None = None) -> StepModel:
+    """``model`` with the serving path's per-step overhead: ``given_s`` when given, else estimated from the
+    request log behind ``workload`` (:func:`~phaselens.advisor.host_gap.estimate_serving_overhead`); unchanged
+    when neither is there. The figure and where it came from go into the model's flags."""
+    from phaselens.advisor.host_gap import estimate_serving_overhead
+
+    if given_s is not None:
+        return model.with_serving_overhead(
+            given_s, f"serving overhead per step {given_s * 1e3:.2f} ms (given), with the per-sequence part, "
+                     "added to every simulated step")
+    if workload is None or tp not in model.by_tp:
+        return model
+    est = estimate_serving_overhead(model.coefficients(tp), workload, chunk_budget)
+    if est is None:
+        if workload.logged_times is not None:
+            return _flag(model, "serving overhead not estimated: too few logged requests with two or more "
+                                "decode steps")
+        return model
+    return model.with_serving_overhead(est.per_step_s, est.note())
+
+
 def estimate_ttft_overhead(model: StepModel, workload: Workload, tp: int) -> float:
     """Latency every request pays outside the engine's steps: the 25th percentile of measured TTFT minus the
-    modelled prefill time (the low quantile keeps queueing out), 0 without measurements."""
+    modelled prefill step, host gap included (the low quantile keeps queueing out), 0 without measurements."""
     ttft = workload.measured_ttft_s
     if ttft is None or not np.isfinite(ttft).any() or tp not in model.by_tp:
         return 0.0
     co = model.coefficients(tp)
     n = workload.effective_prompt(False).astype(float)
     c = workload.cached_tokens.astype(float)
-    pre = co.prefill.a + co.prefill.b * n + co.prefill.c * (n * n + 2 * n * c)
+    pre = co.prefill_step(n, n * n + 2 * n * c)
     diff = (ttft - pre)[np.isfinite(ttft)]
     return float(min(max(np.quantile(diff, 0.25), 0.0), 10.0))

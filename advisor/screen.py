@@ -36,6 +36,7 @@ import numpy as np
 from phaselens.advisor.inputs import Cluster, Slo
 from phaselens.advisor.step_model import StepCoefficients, StepModel, fits_in_memory, kv_capacity_tokens
 from phaselens.advisor.workload import Workload
+from phaselens.phase import Phase
 
 #: Colocated chunk budgets screened (tokens per step); ``0`` means no chunking (whole prompts).
 CHUNK_BUDGETS = (512, 1024, 2048, 4096, 8192, 0)
@@ -189,11 +190,19 @@ class Screen:
         mean_w = rate * float((s * s).mean()) / (2.0 * (1.0 - rho))
         return np.where(u < rho, e * mean_w / rho, 0.0), rho
 
+    def _prefill_a(self, tp: int) -> float:
+        """A prefill step's fixed time: the fitted intercept plus the host gap before a one-prompt step."""
+        co = self._co(tp)
+        return co.prefill.a + co.host.before(Phase.PREFILL, 1)
+
     def prefill_service(self, tp: int, mask: np.ndarray | None = None) -> np.ndarray:
         co = self._co(tp)
         n = self.l_split if mask is None else self.l_split[mask]
         c = self.c_split if mask is None else self.c_split[mask]
-        return co.prefill.a + co.prefill.b * n + co.prefill.c * (n * n + 2 * n * c)
+        # a prompt over the engine's token budget takes a step per chunk, each with its fixed time
+        budget = self.cluster.chunk_budget
+        steps = np.ceil(n / budget) if budget else 1.0
+        return self._prefill_a(tp) * steps + co.prefill.b * n + co.prefill.c * (n * n + 2 * n * c)
 
     def prefill_ttft(
         self, tp: int, rate: float, mask: np.ndarray | None = None
@@ -204,13 +213,13 @@ class Screen:
         plus the arrivals during a step) each prompt loads the server with ``work + a / k``; its own TTFT is
         at least a whole step, ``a + work``.
         """
-        co = self._co(tp)
+        a = self._prefill_a(tp)
         share = 1.0 if mask is None else float(mask.mean())
         full = self.prefill_service(tp, mask)
-        work = full - co.prefill.a
+        work = full - a
         lam = rate * share
         k = 1.0 + lam * float(full.mean())
-        load = work + co.prefill.a / k
+        load = work + a / k
         m = slice(None) if mask is None else mask
         w, rho = self._wait_samples(lam, load, self.u[m], self.e[m])
         ttft = w + full + self.cluster.ttft_overhead_s
@@ -249,17 +258,23 @@ class Screen:
             _, bp, cp, _, _ = co.mixed
         else:
             bp, cp = co.prefill.b, co.prefill.c
-        work = np.where(local_mask, bp * l + cp * (l * l + 2 * l * c), 0.0)
+        # a chunk makes a decode step a mixed one: its host gap is longer by the lines' intercepts
+        h_mix = max(0.0, co.host.mixed[0] - co.host.decode[0])
+        chunks = np.ceil(l / chunk) if chunk else np.ones_like(l)
+        work = np.where(local_mask, bp * l + cp * (l * l + 2 * l * c) + h_mix * chunks, 0.0)
         u_p = rate * float(work.mean())
         details: dict[str, Any] = {"prefill_work_share": u_p}
         if u_p >= 1:
             return math.inf, math.inf, {**details, "limit": "colocated prefill work"}
         # Little's law fixed point for the running batch
-        t = co.decode.a
+        t = co.decode_step(1.0, ctx_mean)
         batch = 0.0
+        # a split decode instance without the sequence cap runs the batches past it eagerly
+        uncapped = local is None and not cl.split_decode_cap
+        graph_max = cl.max_num_seqs if uncapped and cl.max_num_seqs else math.inf
         for _ in range(80):
             batch = rate * e_steps * t
-            d = co.decode_time(batch, batch * ctx_mean) if batch > 0 else co.decode.a
+            d = co.decode_step(max(batch, 1e-9), batch * ctx_mean, batch > graph_max)
             t_new = d / (1.0 - u_p)
             if not math.isfinite(t_new) or t_new > 60.0:
                 return math.inf, math.inf, {**details, "limit": "decode batch diverges"}
@@ -276,7 +291,7 @@ class Screen:
         details.update({"step_s": t, "batch": batch, "kv_tokens": kv_need, "kv_capacity_tokens": capacity})
         if kv_need > cl.kv_high_watermark * capacity:
             return math.inf, math.inf, {**details, "limit": "KV memory"}
-        if cl.max_num_seqs is not None and batch > cl.max_num_seqs:
+        if cl.max_num_seqs is not None and batch > cl.max_num_seqs and not uncapped:
             # the engine runs at most max_num_seqs sequences: past that, requests queue between tokens
             return math.inf, math.inf, {**details, "limit": "max sequences"}
         # KV link (remote requests): M/G/1 of transfers on this instance's link
@@ -316,8 +331,9 @@ class Screen:
                 floor = d_n + lw
             else:
                 # whole prompts in prefill-only steps (decodes wait), batched up to the simulator's limit
-                load = co.prefill.a * ll / 16384.0 + lw
-                floor = co.prefill.a + lw
+                a = self._prefill_a(tp)
+                load = a * ll / 16384.0 + lw
+                floor = a + lw
             share = float(local_mask.mean())
             w, rho = self._wait_samples(rate * share, load, self.u[local_mask], self.e[local_mask])
             if rho >= 1:
@@ -369,7 +385,8 @@ class Screen:
             return self._cache[key]
         co = self._co(tp)
         e_steps = max(float(self.steps.mean()), 1e-9)
-        hi = 1.0 / (e_steps * max(co.decode.a, 1e-6)) * 64  # far above any batch the step model allows
+        # far above any batch the step model allows
+        hi = 1.0 / (e_steps * max(co.decode_step(1.0, 0.0), 1e-6)) * 64
         if local is not None and local.any():
             n = self.l_colo[local]
             hi = min(hi, 1.0 / max(float((co.prefill.b * n).mean()) * float(local.mean()), 1e-12))

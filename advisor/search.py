@@ -33,6 +33,9 @@ PERTURBATION = 0.25
 #: Largest number of instances simulated at once; bigger placements are simulated as a proportional slice.
 MAX_SLICE_INSTANCES = 8
 _SIM_BISECT_TOL = 0.03
+#: Requests of a simulated load run of fixed length (``run_s``): the bounds bench/validate_advisor.py uses.
+RUN_MIN_REQUESTS = 40
+RUN_MAX_REQUESTS = 1500
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Search:
         n_requests: int = 1000,
         finalists: int = 2,
         simulate: bool = True,
+        run_s: float | None = None,
     ):
         self.model = model.with_tp_degrees(cluster.candidate_tp(), cluster.model, cluster.dtype_bytes)
         self.workload = workload
@@ -154,6 +158,8 @@ class Search:
         self.n_requests = n_requests
         self.finalists = finalists
         self.simulate = simulate
+        #: simulate runs of this many seconds of arrivals (a load run's length) instead of n_requests
+        self.run_s = run_s
 
     # ------------------------------------------------------------------ goodput by simulation
 
@@ -163,9 +169,14 @@ class Search:
         base = cand.goodput / scale if cand.goodput > 0 else 1.0
 
         def run(rate: float) -> SimResult:
-            return Simulator(
-                self.model, self.workload, self.slo, self.cluster, sl, n_requests=self.n_requests, seed=seed
-            ).run(rate)
+            n = self.n_requests
+            if self.run_s is not None:
+                # as a load run of run_s seconds sends (bench/validate_advisor.py): rate x seconds, clipped,
+                # to the whole placement; the simulated slice gets its share
+                full = min(RUN_MAX_REQUESTS, max(RUN_MIN_REQUESTS, round(rate * scale * self.run_s)))
+                n = max(1, round(full / scale))
+            return Simulator(self.model, self.workload, self.slo, self.cluster, sl, n_requests=n,
+                             seed=seed).run(rate)
 
         lo, hi = 0.0, base * 1.5
         best: SimResult | None = None
@@ -244,7 +255,7 @@ class Search:
         s = sc.prefill_service(tp)
         fastest = float(np.quantile(s, self.slo.ttft_pct / 100.0))
         co = self.model.coefficients(tp)
-        step = co.decode_time(1, float(np.median(sc.prompt)))
+        step = co.decode_step(1, float(np.median(sc.prompt)))
         if fastest > self.slo.ttft_s:
             raise InputError(
                 f"inconsistent SLOs for this workload: TTFT target {self.slo.ttft_s * 1e3:g} ms is below "

@@ -5,8 +5,9 @@ What it models (issue 5, "Discrete-event simulator"):
 * arrivals: gamma inter-arrival times with the workload's burstiness (shape 1 = Poisson), requests drawn
   from the workload's empirical rows with a seeded generator: the same seed gives the same result;
 * prefill workers (split): FCFS, each step batches the queued prompts up to ``prefill_max_tokens``
-  (``prefill_max_batch`` prompts; 1 makes the queue M/G/1); the first token is sampled at the end of the
-  prefill, so TTFT ends there;
+  (``prefill_max_batch`` prompts; 1 makes the queue M/G/1), or, when the cluster fixes the engine's token
+  budget, up to that many tokens with the last prompt chunked across steps; the first token is sampled at
+  the end of the prefill, so TTFT ends there;
 * KV links: each decode (or colocated) instance receives KV over its own link of ``tp x`` the per-GPU
   bandwidth, one transfer at a time (contention queues); the transfer delays the second token;
 * decode workers: continuous batching; a request joins when its KV has arrived and the KV cache stays under
@@ -18,7 +19,10 @@ What it models (issue 5, "Discrete-event simulator"):
   (attention over them still costs the ``2 l p`` term); in split mode only shared-prefix hits count, the
   session history lives on the decode side and is recomputed (``Workload.effective_prompt``). Routing is
   session-affine in colocated mode, which is what makes those history hits possible there;
-* least-loaded routing (fewest outstanding requests) to every pool.
+* least-loaded routing (fewest outstanding requests) to every pool;
+* step cadence: each step takes the host gap before it plus its GPU time (``StepCoefficients.*_step``), the
+  engine's and the serving path's host time (advisor/host_gap.py); a decode batch past max_num_seqs (a
+  split decode worker without the cap, ``Cluster.split_decode_cap``) runs eagerly, at least the launch floor.
 
 Not modelled: preemption (admission control keeps the KV under the watermark instead), pipeline
 parallelism, and the front-end's own latency.
@@ -149,6 +153,8 @@ class _DecodeSide(_Worker):
         self.capacity = capacity * sim.cluster.kv_high_watermark
         #: the engine's max_num_seqs: sequences running (decoding or mid-prefill) at once
         self.max_seqs = sim.cluster.max_num_seqs or (1 << 30)
+        #: decode batches above this run without CUDA graphs (captured up to max_num_seqs)
+        self.graph_max = self.max_seqs
         self.link_bps = link_bps
         self.link_free = 0.0
         self.n = 0
@@ -208,7 +214,7 @@ class _DecodeSide(_Worker):
             self.busy = False
             return
         self.busy = True
-        dt = self.co.decode_time(self.n, self.ctx)
+        dt = self.co.decode_step(self.n, self.ctx, self.n > self.graph_max)
         self.sim.record_step(dt, self.n)
         self.busy_s += dt
         self.sim.push(now + dt, self._step_done, self.n)
@@ -222,15 +228,20 @@ class _DecodeSide(_Worker):
 
 
 class _PrefillWorker(_Worker):
-    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, max_tokens: int, max_batch: int):
+    """FCFS prefill steps: whole queued prompts up to ``max_tokens``, or, with the engine's token budget
+    ``chunk``, up to ``chunk`` tokens a step with the last prompt split across steps (chunked prefill)."""
+
+    def __init__(self, sim: "Simulator", co: StepCoefficients, name: str, max_tokens: int, max_batch: int,
+                 chunk: int = 0):
         super().__init__(sim, co, name)
-        self.queue: deque[int] = deque()
+        self.queue: deque[list[int]] = deque()  # [request, tokens done]
         self.busy = False
         self.max_tokens = max_tokens
         self.max_batch = max_batch
+        self.chunk = chunk
 
     def submit(self, now: float, j: int) -> None:
-        self.queue.append(j)
+        self.queue.append([j, 0])
         self.load += 1
         if not self.busy:
             self._start(now)
@@ -240,26 +251,36 @@ class _PrefillWorker(_Worker):
             self.busy = False
             return
         r = self.sim.reqs
-        batch: list[int] = []
+        taken: list[tuple[list[int], int]] = []
         tokens = 0
         quad = 0.0
-        while self.queue and len(batch) < self.max_batch:
-            j = self.queue[0]
-            n = r.prompt[j] - r.cached[j]
-            if batch and tokens + n > self.max_tokens:
+        budget = self.chunk or self.max_tokens
+        for item in self.queue:
+            if budget <= 0 or len(taken) >= self.max_batch:
                 break
-            self.queue.popleft()
-            batch.append(j)
-            tokens += n
-            quad += n * n + 2.0 * n * r.cached[j]
-        dt = self.co.prefill_time(tokens, quad)
+            j, done = item
+            left = r.prompt[j] - r.cached[j] - done
+            k = min(left, budget) if self.chunk else left
+            if not self.chunk and taken and k > budget:
+                break
+            past = r.cached[j] + done
+            quad += k * k + 2.0 * k * past
+            tokens += k
+            budget -= k
+            taken.append((item, k))
+        dt = self.co.prefill_step(tokens, quad, len(taken))
         self.busy = True
         self.busy_s += dt
-        self.sim.push(now + dt, self._done, batch)
+        self.sim.push(now + dt, self._done, taken)
 
-    def _done(self, now: float, batch: list[int]) -> None:
+    def _done(self, now: float, taken: list[tuple[list[int], int]]) -> None:
         r = self.sim.reqs
-        for j in batch:
+        for item, k in taken:
+            item[1] += k
+            j = item[0]
+            if item[1] < r.prompt[j] - r.cached[j]:
+                continue  # more chunks to go
+            self.queue.popleft() if self.queue and self.queue[0] is item else self.queue.remove(item)
             r.first[j] = now
             self.load -= 1
             if r.out[j] <= 1:
@@ -338,11 +359,11 @@ class _ColocatedWorker(_DecodeSide):
             self.busy = False  # nothing runnable until a decode finishes or KV arrives
             return
         if tokens and decodes:
-            dt = self.co.mixed_time(tokens, quad, decodes, self.ctx)
+            dt = self.co.mixed_step(tokens, quad, decodes, self.ctx, len(taken))
         elif tokens:
-            dt = self.co.prefill_time(tokens, quad)
+            dt = self.co.prefill_step(tokens, quad, len(taken))
         else:
-            dt = self.co.decode_time(decodes, self.ctx)
+            dt = self.co.decode_step(decodes, self.ctx)
         if decodes:
             self.sim.record_step(dt, decodes)
         self.busy = True
@@ -432,8 +453,10 @@ class Simulator:
         prefill: list[Any] = []
         if pl.kind in ("split", "conditional"):
             co = self.model.coefficients(pl.tp_p)
+            # the engine's token budget per step holds on a prefill worker too
             prefill = [
-                _PrefillWorker(self, co, f"p{i}", self.prefill_max_tokens, self.prefill_max_batch)
+                _PrefillWorker(self, co, f"p{i}", self.prefill_max_tokens, self.prefill_max_batch,
+                               cl.chunk_budget or 0)
                 for i in range(pl.n_p)
             ]
         co_d = self.model.coefficients(pl.tp_d)
@@ -442,6 +465,9 @@ class Simulator:
             decoders: list[Any] = [
                 _DecodeSide(self, co_d, f"d{i}", cap[pl.tp_d], link) for i in range(pl.n_d)
             ]
+            if not cl.split_decode_cap:
+                for d in decoders:
+                    d.max_seqs = 1 << 30  # only the KV cache bounds the batch
         else:
             decoders = [
                 _ColocatedWorker(self, co_d, f"c{i}", cap[pl.tp_d], link, pl.chunk or 0)

@@ -10,6 +10,14 @@ same shapes):
   Above a batch knee (when the data shows one, e.g. a GEMM tile or attention-kernel change) a second
   line is fitted.
 * mixed (a chunked-prefill step that also carries decodes): an intercept plus both sets of terms.
+* launch floor (prefill and mixed): those steps run eagerly, one kernel launch at a time from the host, so a
+  step with little work takes as long as the host needs to launch the forward, whatever its size (on the
+  H200 8B profile: 10-17 ms for any prompt up to 512 tokens, where the GPU work alone is 5-15 ms). The
+  step time is ``max(floor, line)``; the floor is searched on the prefill steps like the decode knee
+  (kept only when it cuts the error over all steps by ``KNEE_GAIN``) and mixed steps take the same one
+  (the same eager forward); each line is fitted on the steps above it, so a few launch-bound small steps
+  no longer inflate the intercept every large step pays. Decode steps replay CUDA graphs (one launch)
+  and have no floor.
 
 Fits minimise the *relative* error (least squares on ``(pred - t) / t``), so a 5 ms decode step weighs as
 much as a 500 ms prefill; coefficients are kept non-negative (a step never gets faster with more work).
@@ -28,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from phaselens.advisor.host_gap import HostGap
 from phaselens.engine.config import ModelConfig
 from phaselens.gpus import GpuSpec
 from phaselens.phase import Phase
@@ -87,12 +96,17 @@ class StepCoefficients:
     #: what the knee splits on: the decode batch, or the summed context (tokens)
     knee_on: str = "batch"
     mixed: tuple[float, float, float, float, float] | None = None
+    #: launch floors (s) of eager prefill and mixed steps: no such step is shorter (0: none)
+    prefill_floor: float = 0.0
+    mixed_floor: float = 0.0
     #: "fit", "published", "roofline", or "extrapolated from TP1 fit" (how these numbers were obtained)
     source: str = "fit"
+    #: host time before each step (the GPU intervals above do not include it); zero unless fitted
+    host: HostGap = field(default_factory=HostGap)
 
     def prefill_time(self, sum_l: float, sum_quad: float) -> float:
         p = self.prefill
-        return p.a + p.b * sum_l + p.c * sum_quad
+        return _floored(p.a + p.b * sum_l + p.c * sum_quad, self.prefill_floor)
 
     def decode_line(self, batch: float, context: float = 0.0) -> Line3:
         if self.decode_large is not None and self.knee is not None:
@@ -114,10 +128,45 @@ class StepCoefficients:
             return self.decode_time(batch, context)
         if self.mixed is not None:
             a, bp, cp, bd, cd = self.mixed
-            return a + bp * sum_l + cp * sum_quad + bd * context + cd * batch
+            return _floored(a + bp * sum_l + cp * sum_quad + bd * context + cd * batch, self.mixed_floor)
         d = self.decode_line(batch, context)
         p = self.prefill
-        return max(p.a, d.a) + p.b * sum_l + p.c * sum_quad + d.b * context + d.c * batch
+        return _floored(max(p.a, d.a) + p.b * sum_l + p.c * sum_quad + d.b * context + d.c * batch,
+                        self.prefill_floor)
+
+    # Step cadence: the host gap before a step plus its GPU time (an engine steps back to back, so this is
+    # the time between two steps' outputs). The simulator and the screen plan with these.
+
+    def decode_step(self, batch: float, context: float, eager: bool = False) -> float:
+        """Cadence of a decode step: host gap plus GPU time. ``eager``: the step runs without a CUDA graph
+        (a batch past the captured sizes), launched kernel by kernel like a prefill: at least its floor."""
+        if batch <= 0:
+            return 0.0
+        gpu = self.decode_time(batch, context)
+        if eager:
+            gpu = _floored(gpu, self.prefill_floor)
+        return self.host.before(Phase.DECODE, batch) + gpu
+
+    def prefill_step(self, sum_l: float, sum_quad: float, seqs: float = 1.0) -> float:
+        """Cadence of a prefill-only step of ``seqs`` prompts: host gap plus GPU time."""
+        return self.host.before(Phase.PREFILL, seqs) + self.prefill_time(sum_l, sum_quad)
+
+    def mixed_step(self, sum_l: float, sum_quad: float, batch: float, context: float,
+                   prefill_seqs: float = 1.0) -> float:
+        """Cadence of a step with prefill chunks of ``prefill_seqs`` prompts and ``batch`` decodes."""
+        if batch <= 0:
+            return self.prefill_step(sum_l, sum_quad, prefill_seqs)
+        if sum_l <= 0:
+            return self.decode_step(batch, context)
+        host = self.host.before(Phase.MIXED, batch + prefill_seqs)
+        return host + self.mixed_time(sum_l, sum_quad, batch, context)
+
+
+def _floored(t: Any, floor: float) -> Any:
+    """``max(t, floor)`` for a number or an array."""
+    if isinstance(t, np.ndarray):
+        return np.maximum(t, floor)
+    return t if t >= floor else floor
 
 
 def quad_term(lengths: np.ndarray, cached: np.ndarray | float = 0.0) -> np.ndarray:
@@ -178,6 +227,18 @@ class StepModel:
             )
         return replace(self, by_tp=by_tp, flags=flags)
 
+    @property
+    def host(self) -> HostGap:
+        """The host gap of the measured instance shape (every TP degree carries the same one)."""
+        return (self.by_tp.get(self.measured_tp) or self.by_tp[min(self.by_tp)]).host
+
+    def with_serving_overhead(self, per_step_s: float, note: str) -> "StepModel":
+        """A copy whose every step also pays ``per_step_s`` and the per-sequence serving part
+        (:meth:`HostGap.with_serving`); ``note`` says where the figure came from (a flag)."""
+        by_tp = {tp: replace(co, host=co.host.with_serving(per_step_s, note))
+                 for tp, co in self.by_tp.items()}
+        return replace(self, by_tp=by_tp, flags=self.flags + (note,))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "holdout_mean_relative_error": dict(self.holdout_error),
@@ -198,6 +259,9 @@ class StepModel:
                 ),
                 "knee": co.knee,
                 "mixed_s": None if co.mixed is None else list(co.mixed),
+                "prefill_floor_s": co.prefill_floor,
+                "mixed_floor_s": co.mixed_floor,
+                "host_gap": co.host.to_dict(),
             }
         return out
 
@@ -274,12 +338,13 @@ class StepModel:
         rng = np.random.default_rng(seed)
         errors: dict[str, float] = {}
 
-        pre = _fit_phase(data.prefill_x, data.prefill_y, rng)
+        pre = _fit_phase(data.prefill_x, data.prefill_y, rng, floor_search=True)
         dec = _fit_phase(data.decode_x, data.decode_y, rng, knee_search=True)
         fits = {"prefill": pre, "decode": dec}
         mixed = None
         if len(data.mixed_y) >= MIN_STEPS_PER_PHASE:
-            mix = _fit_phase(data.mixed_x, data.mixed_y, rng)
+            # the same eager forward as a prefill step, a few decode rows more: the same launch floor
+            mix = _fit_phase(data.mixed_x, data.mixed_y, rng, floor=pre.fit.floor)
             fits["mixed"] = mix
             a, bp, cp, bd, cd = (float(v) for v in mix.fit.small)
             mixed = (a, bp, cp, bd, cd)
@@ -301,6 +366,13 @@ class StepModel:
                     "of the "
                     f"fit; all {name} steps together took {f.time_ratio_all:.2f}x the model's time"
                 )
+        for name, f in fits.items():
+            if f.fit.floor:
+                below = int((f.fit.predict_line(f.x) < f.fit.floor).sum())
+                flags.append(
+                    f"{name}: launch floor {f.fit.floor * 1e3:.1f} ms (eager steps; {below} of {len(f.x)} "
+                    "steps have less work than the host takes to launch them)"
+                )
         d_large = dec.fit.large if dec.fit.knee is not None else None
         co = StepCoefficients(
             tp=tp,
@@ -310,8 +382,15 @@ class StepModel:
             knee=dec.fit.knee,
             knee_on="batch" if dec.fit.col == 2 else "context",
             mixed=mixed,
+            prefill_floor=pre.fit.floor,
+            mixed_floor=fits["mixed"].fit.floor if "mixed" in fits else 0.0,
             source="fit",
+            host=HostGap.fit(steps),
         )
+        if co.host.fitted:
+            flags.append(co.host.describe())
+        else:
+            flags.append("no back-to-back step pairs in the trace: host time between steps not modelled")
         used = {"prefill": len(data.prefill_y), "decode": len(data.decode_y), "mixed": len(data.mixed_y)}
         return cls(by_tp={tp: co}, holdout_error=errors, steps_used=used, measured_tp=tp, flags=tuple(flags))
 
@@ -347,24 +426,47 @@ class _StepData:
                 dy.append(t)
             elif s.phase is Phase.MIXED and s.prefill_tokens > 0 and s.decode_tokens > 0:
                 n_pre = max(1, s.batch - s.decode_tokens)
-                # The decode share of the context is not in the record; each decode attends to at least
-                # itself, and the prefill chunks' context is at least their own tokens.
-                quad = float(s.prefill_tokens) ** 2 / n_pre
-                mx.append(
-                    (
-                        1.0,
-                        s.prefill_tokens,
-                        quad,
-                        max(0, s.context_tokens - s.prefill_tokens),
-                        s.decode_tokens,
-                    )
-                )
+                quad, dec_ctx = _mixed_terms(s, model, n_pre)
+                mx.append((1.0, s.prefill_tokens, quad, dec_ctx, s.decode_tokens))
                 my.append(t)
 
         def arr(rows: list, width: int) -> np.ndarray:
             return np.asarray(rows, dtype=float).reshape(-1, width)
 
         return cls(arr(px, 3), np.asarray(py), arr(dx, 3), np.asarray(dy), arr(mx, 5), np.asarray(my), approx)
+
+
+def _mixed_terms(s: StepRecord, model: ModelConfig | None, n_pre: int) -> tuple[float, float]:
+    """``(sum(l^2 + 2 l p), decode context)`` of a mixed step.
+
+    The record's context sums the prefill chunks' ``p + l`` and the decodes' contexts, so the two are not
+    apart in it. With one prefill chunk and the model shape they are recovered from the step's FLOPs
+    (serving_shim/cost.py): the attention pairs ``l p + l (l+1)/2 + D`` and the context ``p + l + D`` give
+    ``p (l - 1) = pairs - context + l - l (l+1)/2``. (The LM head's FLOPs depend on whether the chunk ends
+    its prompt; both readings are tried and the one giving a whole, in-range ``p`` kept.) A chunk's prefix
+    then costs attention, not decode context (a later chunk of a long prompt is slower than the first).
+    Otherwise: no prefix, each chunk ``l / n_pre`` long, the rest of the context the decodes'.
+    """
+    total_l = float(s.prefill_tokens)
+    fallback = total_l * total_l / n_pre, float(max(0, s.context_tokens - s.prefill_tokens))
+    if model is None or s.flops <= 0 or n_pre != 1 or s.prefill_tokens < 2:
+        return fallback
+    h, L = model.hidden_size, model.num_layers
+    linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
+    tokens = s.prefill_tokens + s.decode_tokens
+    best: tuple[float, float] | None = None
+    for sampling in (s.decode_tokens + 1, s.decode_tokens):
+        attn = s.flops - 2.0 * tokens * L * linear - 2.0 * sampling * h * model.vocab_size
+        pairs = attn / (4.0 * L * model.q_size)
+        p = (pairs - s.context_tokens + total_l - total_l * (total_l + 1) / 2) / (total_l - 1)
+        dec_ctx = s.context_tokens - p - total_l
+        err = abs(p - round(p))
+        if p > -0.5 and dec_ctx >= s.decode_tokens - 0.5 and (best is None or err < best[0]):
+            best = (err, max(0.0, round(p)))
+    if best is None or best[0] > 0.05:
+        return fallback
+    p = best[1]
+    return total_l * total_l + 2.0 * total_l * p, float(s.context_tokens - p - total_l)
 
 
 def _prefill_quad(s: StepRecord, model: ModelConfig | None, n_seqs: int) -> tuple[float, int]:
@@ -422,9 +524,11 @@ def _outlier_threshold(rel: np.ndarray) -> float:
 class _Piecewise:
     """One line, or two split at a decode batch knee; fitted robustly (outliers trimmed, then refitted)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, knee: int | None, split_col: int = 2):
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, knee: int | None, split_col: int = 2,
+                 floor: float = 0.0):
         self.knee = knee
         self.col = split_col
+        self.floor = floor
         mask = np.ones(len(rows), bool)
         for _ in range(6):
             self._fit(x[rows[mask]], y[rows[mask]])
@@ -438,6 +542,11 @@ class _Piecewise:
         self.inliers = mask
 
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.floor:
+            # the line from the steps clearly above the floor; those at it say only where the floor is
+            above = y > self.floor * (1.0 + OUTLIER_MIN_REL)
+            if above.sum() >= 2 * x.shape[1]:
+                x, y = x[above], y[above]
         if self.knee is None:
             self.small, self.large = _nnls_relative(x, y), None
             return
@@ -445,12 +554,15 @@ class _Piecewise:
         self.small = _nnls_relative(x[lo], y[lo])
         self.large = _nnls_relative(x[~lo], y[~lo]) if (~lo).any() else self.small
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict_line(self, x: np.ndarray) -> np.ndarray:
         pred = x @ self.small
         if self.knee is not None and self.large is not None:
             above = x[:, self.col] >= self.knee
             pred[above] = x[above] @ self.large
         return pred
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(self.predict_line(x), self.floor)
 
     def rel(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (self.predict(x) - y) / y
@@ -473,16 +585,20 @@ class _PhaseFit:
     #: median measured/model time of the outlier steps, and total measured/model time over all steps
     outlier_ratio: float
     time_ratio_all: float
+    #: the features the fit saw
+    x: np.ndarray
 
 
 def _fit_phase(
-    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, knee_search: bool = False
+    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, knee_search: bool = False,
+    floor_search: bool = False, floor: float = 0.0,
 ) -> _PhaseFit:
-    """Fit on 80% (robustly), score the held-out 20% (its own outliers excluded and counted), refit on all."""
+    """Fit on 80% (robustly), score the held-out 20% (its own outliers excluded and counted), refit on all.
+    ``floor``: a launch floor known already; ``floor_search``: look for one."""
     train, hold = _split(len(y), rng)
     knee: int | None = None
     knee_col = 2
-    pf = _Piecewise(x, y, train, None)
+    pf = _Piecewise(x, y, train, None, floor=floor)
     if knee_search:
         best = pf.rms(x[train], y[train])
         # a knee in batch (kernel or tile change) or in total context (weight-read bound below it, KV-read
@@ -501,14 +617,30 @@ def _fit_phase(
                 err = cand.rms(x[train], y[train])
                 if err < best * KNEE_GAIN:
                     best, knee, knee_col, pf = err, k, col, cand
+    if floor_search:
+        # over every training step, outliers included: without a floor the launch-bound steps are the
+        # outliers, so an error over the inliers alone would not see what the floor fixes
+        best = _all_steps_error(pf, x[train], y[train])
+        for q in np.linspace(0.05, 0.5, 10):
+            f = float(np.quantile(y[train], q))
+            cand = _Piecewise(x, y, train, None, floor=f)
+            err = _all_steps_error(cand, x[train], y[train])
+            if err < best * KNEE_GAIN:
+                best, floor, pf = err, f, cand
     rel = np.abs(pf.rel(x[hold], y[hold]))
     keep = pf.inlier(x[hold], y[hold])
     hold_err = float(rel[keep].mean()) if keep.any() else float(rel.mean())
-    full = _Piecewise(x, y, np.arange(len(y)), knee, split_col=knee_col)
+    full = _Piecewise(x, y, np.arange(len(y)), knee, split_col=knee_col, floor=floor)
     pred = full.predict(x)
     out = ~full.inliers
     ratio = float(np.median(y[out] / pred[out])) if out.any() else 1.0
-    return _PhaseFit(full, hold_err, int(out.sum()), float(rel.mean()), ratio, float(y.sum() / pred.sum()))
+    return _PhaseFit(full, hold_err, int(out.sum()), float(rel.mean()), ratio, float(y.sum() / pred.sum()), x)
+
+
+def _all_steps_error(fit: _Piecewise, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean relative error over every step, the worst 5% (stalls, first runs) set aside."""
+    rel = np.sort(np.abs(fit.rel(x, y)))
+    return float(rel[: max(1, int(np.ceil(0.95 * len(rel))))].mean())
 
 
 # ---------------------------------------------------------------------- roofline and TP
@@ -578,6 +710,8 @@ def extrapolate_tp(
         knee_on=base.knee_on,
         mixed=mixed,
         source=f"extrapolated from TP{base.tp} {base.source}",
+        # the host work per step is the engine's, not the GPUs': the same at any TP degree
+        host=base.host,
     )
 
 

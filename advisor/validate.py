@@ -110,12 +110,15 @@ def predict_goodput(
     tp: int = 1,
     chunk_budget: int | None = None,
     max_num_seqs: int | None = None,
+    split_decode_cap: bool = True,
     rate: float | None = None,
     burstiness: float = 1.0,
     ttft_overhead_ms: float | None = None,
+    serving_overhead_ms: float | None = None,
     gpu_name: str | None = None,
     seeds: int = 2,
     n_requests: int = 1000,
+    run_s: float | None = None,
 ) -> Prediction:
     """Predicted goodput (req/s, all GPUs) of the best colocated placement and the best split on ``gpus``
     GPUs at TP ``tp``, and the advisor's verdict.
@@ -125,12 +128,19 @@ def predict_goodput(
     --request-log`` (lengths, burstiness and measured TTFTs from the log). Given with lengths, the log serves
     only to estimate the TTFT overhead. ``chunk_budget`` and ``max_num_seqs`` are the
     serving engine's ``--max-num-batched-tokens`` and ``--max-num-seqs`` (so colocated is judged at the
-    engine's own chunk budget). ``kv_link_gbps`` is the per-GPU bandwidth between the pools in Gb/s (a
+    engine's own chunk budget; split prefill workers chunk at it too). ``split_decode_cap=False`` models split
+    decode workers that take sequences past ``max_num_seqs`` (the bundled engine's decode role when issue 8
+    was measured). ``kv_link_gbps`` is the per-GPU bandwidth between the pools in Gb/s (a
     measured peer copy of B bytes/s is ``B * 8 / 1e9``). ``ttft_overhead_ms``: time outside the engine's steps
     in every TTFT; None estimates it from the request log as ``phaselens advise`` does (0 without a log).
+    ``serving_overhead_ms``: host time per step the serving path adds to the profile's step cadence; None
+    estimates it from the request log's TPOTs as ``phaselens advise`` does (none without a log).
+    ``run_s``: simulate load runs of that many seconds of arrivals, as the measurement's goodput search ran
+    them (short runs let a queue build less: a TTFT-limited mode passes higher rates), instead of
+    ``n_requests``-request runs (steady state).
     Raises :class:`~phaselens.advisor.inputs.InputError` or ``ValueError`` naming a bad input.
     """
-    from phaselens.advisor.commands import estimate_ttft_overhead
+    from phaselens.advisor.commands import calibrate_serving, estimate_ttft_overhead
     from phaselens.engine.config import preset as get_preset
     from phaselens.gpus import gpu_spec
     from phaselens.trace import read_trace
@@ -167,6 +177,10 @@ def predict_goodput(
         cmd += ["--chunk-budget", str(chunk_budget)]
     if max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
+    if not split_decode_cap:
+        cmd += ["--split-decode-uncapped"]
+    if run_s is not None:
+        cmd += ["--run-seconds", repr(float(run_s))]
 
     def spec_text(r: float) -> str:
         assert prompt is not None and output is not None
@@ -174,6 +188,9 @@ def predict_goodput(
                 f"burstiness={float(burstiness)!r}")
 
     logged = None if request_log is None else Workload.from_request_log(request_log, rate=rate)
+    if serving_overhead_ms is not None or logged is not None:
+        step_model = calibrate_serving(step_model, logged, 1, chunk_budget,
+                                       None if serving_overhead_ms is None else serving_overhead_ms / 1e3)
     if ttft_overhead_ms is not None:
         overhead_s = ttft_overhead_ms / 1e3
     else:
@@ -187,14 +204,17 @@ def predict_goodput(
     slo = Slo(ttft_ms / 1e3, tpot_ms / 1e3, ttft_pct, tpot_pct, attainment)
     cluster = Cluster(gpus=gpus, gpu=gpu_spec(gpu_name), model=model_cfg, gpus_per_node=max(8, gpus),
                       kv_link_gbps=kv_link_gbps, tp_degrees=(tp,), ttft_overhead_s=overhead_s,
-                      chunk_budget=chunk_budget, max_num_seqs=max_num_seqs)
+                      chunk_budget=chunk_budget, max_num_seqs=max_num_seqs, split_decode_cap=split_decode_cap)
     if ttft_overhead_ms is not None or not from_log:
         cmd += ["--ttft-overhead-ms", repr(overhead_s * 1e3)]
+    if step_model.host.serving_source and (serving_overhead_ms is not None or not from_log):
+        cmd += ["--serving-overhead-ms", repr(step_model.host.serving_s * 1e3)]
     if cluster.gpus_per_node != 8:
         cmd += ["--gpus-per-node", str(cluster.gpus_per_node)]
 
     def search(wl: Workload) -> Search:
-        return Search(step_model, wl, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests)
+        return Search(step_model, wl, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests,
+                      run_s=run_s)
 
     advice = search(workload).run()
     if rate is None:

@@ -40,6 +40,18 @@ class WorkloadError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoggedTimes:
+    """When each row of a request-log workload arrived, got its first token and finished (s, the log's own
+    clock; NaN where unknown), on which worker, and whether that worker also prefilled it (colocated)."""
+
+    arrival_s: np.ndarray
+    first_s: np.ndarray
+    finish_s: np.ndarray
+    worker: np.ndarray
+    colocated: np.ndarray
+
+
+@dataclass(frozen=True)
 class Workload:
     """Requests per second and one row per sampled request."""
 
@@ -56,6 +68,8 @@ class Workload:
     notes: tuple[str, ...] = field(default=())
     #: measured TTFT per row (request log only), seconds; NaN where unknown
     measured_ttft_s: np.ndarray | None = field(default=None, compare=False)
+    #: the request log's timeline per row (request log only): the serving overhead's calibration
+    logged_times: LoggedTimes | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.prompt_tokens)
@@ -222,6 +236,7 @@ class Workload:
             try:
                 first = r.get("first_token_ns")
                 ttft = (int(first) - int(r["arrival_ns"])) / 1e9 if first is not None else math.nan
+                finish = r.get("finish_ns")
                 usable.append(
                     (
                         int(r["arrival_ns"]),
@@ -230,6 +245,10 @@ class Workload:
                         int(r["output_tokens"]),
                         r.get("session_id"),
                         ttft,
+                        math.nan if first is None else int(first),
+                        math.nan if finish is None else int(finish),
+                        str(r.get("worker", "")),
+                        r.get("role", "colocated") == "colocated",
                     )
                 )
             except (KeyError, TypeError, ValueError):
@@ -260,7 +279,7 @@ class Workload:
             notes.append("fewer than 11 requests: Poisson arrivals assumed")
         seen: set[str] = set()
         static, history = [], []
-        for _, _, cached, _, session, _ in usable:
+        for _, _, cached, _, session, *_ in usable:
             if session is not None and session in seen:
                 static.append(0)
                 history.append(cached)
@@ -279,7 +298,12 @@ class Workload:
             source=f"request log {path.name}",
             notes=tuple(notes),
         )
-        return replace(wl, measured_ttft_s=np.array([u[5] for u in usable], dtype=float))
+        t0 = usable[0][0]  # ns differences from the first arrival stay exact as floats
+        times = LoggedTimes(np.array([(u[0] - t0) / 1e9 for u in usable], dtype=float),
+                            np.array([(u[6] - t0) / 1e9 for u in usable], dtype=float),
+                            np.array([(u[7] - t0) / 1e9 for u in usable], dtype=float),
+                            np.array([u[8] for u in usable]), np.array([u[9] for u in usable], dtype=bool))
+        return replace(wl, measured_ttft_s=np.array([u[5] for u in usable], dtype=float), logged_times=times)
 
     @classmethod
     def from_spec(
