@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from phaselens.advisor.step_model import MIN_STEPS_PER_PHASE, NotEnoughStepsError, StepModel
 from phaselens.engine.config import preset
 from phaselens.gpus import gpu_spec
+from phaselens.phase import Clock, Phase, Role
+from phaselens.trace import StepRecord
 
 from .synth import TRUE, synth_steps
 
@@ -79,3 +82,49 @@ def test_context_knee_survives_tp_extrapolation():
     big = two.decode_large
     assert two.decode_time(64, 200_000) == pytest.approx(big.a + 0.65e-7 * 200_000 + 64 * big.c)
     assert two.decode_time(64, 200_000) > 2 * two.decode_time(4, 8000)
+
+
+def _prefill_record(i: int, tokens: int, seconds: float) -> StepRecord:
+    t0 = 1_000_000_000 + i * 1_000_000_000
+    return StepRecord("GPU-test-0", "e0", Role.COLOCATED, Phase.PREFILL, 10_000 + i, t0,
+                      t0 + int(seconds * 1e9), Clock.GPU, tokens, 0, 1, tokens, 0.0, 0.0)
+
+
+def test_launch_floor_found_and_the_line_fitted_above_it():
+    """Eager prefill steps take at least the host's launch time: small prompts all take the floor, and the
+    line through the large ones is not pulled up by them."""
+    floor, (a, b, c) = 0.015, (0.003, 2.5e-5, 1.0e-9)
+    rng = np.random.default_rng(2)
+    lengths = [int(n) for n in rng.integers(32, 8192, 120)] + [64, 128, 256] * 10
+    steps = [_prefill_record(i, n, max(floor, a + b * n + c * n * n) * (1 + 0.01 * rng.standard_normal()))
+             for i, n in enumerate(lengths)]
+    model = StepModel.fit(steps + synth_steps(n_prefill=0, n_decode=120))
+    co = model.coefficients(1)
+    assert co.prefill_floor == pytest.approx(floor, rel=0.1)
+    assert co.prefill.b == pytest.approx(b, rel=0.05)
+    assert co.prefill_time(128, 128 ** 2) == pytest.approx(floor, rel=0.1)
+    assert co.prefill_time(8000, 8000 ** 2) == pytest.approx(a + b * 8000 + c * 8000 ** 2, rel=0.03)
+    assert any("launch floor" in f for f in model.flags)
+    # a decode batch run eagerly (past the captured graphs) takes at least the floor too
+    assert co.decode_step(8, 8 * 300, eager=True) >= co.prefill_floor > co.decode_step(8, 8 * 300)
+
+
+def test_no_floor_when_the_data_has_none():
+    assert StepModel.fit(synth_steps(noise=0.01)).coefficients(1).prefill_floor == 0.0
+
+
+def test_mixed_step_prefix_recovered_from_flops():
+    """A later chunk of a long prompt attends to its prefix: the record's context mixes that prefix with the
+    decodes' context; the step's FLOPs tell them apart."""
+    from phaselens.advisor.step_model import _mixed_terms
+    from phaselens.serving_shim.cost import step_figures
+
+    cfg = preset("llama-3.1-8b")
+    for n, p, finishes in [(1016, 5080, False), (952, 3000, True), (200, 0, True)]:
+        decode_ctx = [300, 4100, 257]
+        pre, dec, batch, ctx, _, flops, nbytes = step_figures(cfg, [(n, p, finishes)], decode_ctx, 2)
+        rec = StepRecord("GPU-test-0", "e0", Role.COLOCATED, Phase.MIXED, 1, 0, 1_000_000, Clock.GPU, pre,
+                         dec, batch, ctx, flops, nbytes)
+        quad, dec_ctx = _mixed_terms(rec, cfg, 1)
+        assert quad == n * n + 2 * n * p
+        assert dec_ctx == sum(decode_ctx) + len(decode_ctx)
