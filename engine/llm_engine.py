@@ -237,6 +237,13 @@ class LLMEngine:
         del self._seqs[request_id]
         self.scheduler.remove(seq)
 
+    def can_attach(self) -> bool:
+        """Whether the batch has room for one more running sequence (``max_num_seqs``): hand-offs wait
+        until it has (in split mode a decode worker took every hand-off at once, ran batches of up to 272
+        past the 64 its CUDA graphs cover, and each such step cost 13.8 ms instead of 6.4; bench/RESULTS.md,
+        issue 8)."""
+        return len(self.scheduler.running) < self.scheduler.max_num_seqs
+
     def resume(self, request_id: str) -> bool:
         """Continue a parked request here, its blocks as they are. False if it is not parked here."""
         seq = self._seqs.get(request_id)
@@ -249,7 +256,8 @@ class LLMEngine:
     def add_transferred(self, handoff: Handoff, source: KVHandle) -> TransferResult | None:
         """Continue a request parked in another engine: copy the blocks this engine's prefix cache lacks.
 
-        Returns what moved, or None when too few blocks are free now (nothing changed: try again later).
+        Returns what moved, or None when too few blocks are free now or the batch is full
+        (:meth:`can_attach`; nothing changed: try again later).
         ValueError for a duplicate id or a request that does not fit this engine; KVTransferError when the
         source's cache cannot be read.
         """
@@ -264,6 +272,8 @@ class LLMEngine:
         if len(h.block_ids) != self.block_manager.blocks_needed(computed):
             raise ValueError(f"request {h.request_id}: {len(h.block_ids)} source blocks for {computed} "
                              f"tokens of block size {bs}")
+        if not self.can_attach():
+            return None
         generator = None
         if not h.params.greedy:
             seed = h.params.seed if h.params.seed is not None else hash((self.config.seed, h.request_id))

@@ -237,9 +237,17 @@ class WorkerLoop:
         self.events.put(protocol.RoleSet(self.config.worker_id, cmd.role, cmd.token))
 
     def _continue(self, cmd: protocol.ContinueRequest, first_try: bool) -> bool:
-        """Take over a parked request; False when it has to wait for free blocks (queued if first_try)."""
+        """Take over a parked request; False when it has to wait for free blocks or a batch slot (queued if
+        first_try, behind those already waiting)."""
         rid = cmd.handoff.request_id
-        if cmd.source is None:  # parked here: continue in place
+        if first_try and self.pending:
+            self.pending.append(cmd)
+            return False
+        if cmd.source is None:  # parked here: continue in place, once the batch has room
+            if not self.engine.can_attach():
+                if first_try:
+                    self.pending.append(cmd)
+                return False
             if self.engine.resume(rid):
                 return True
             self._report_failed(cmd, f"request {rid} is not parked on worker {self.config.worker_id}")
@@ -264,7 +272,8 @@ class WorkerLoop:
         return True
 
     def _admit_pending(self) -> None:
-        """Retry hand-offs that waited for blocks, oldest first, until one still does not fit."""
+        """Retry hand-offs that waited for blocks or a batch slot, oldest first, until one still does not
+        fit."""
         while self.pending:
             if not self._continue(self.pending[0], first_try=False):
                 return
