@@ -65,7 +65,7 @@ def prefill_shapes(quick: bool) -> list[tuple[int, ...]]:
 def decode_grid(quick: bool) -> list[tuple[int, int, int]]:
     """``(context, batch, decode steps)`` runs of the decode grid."""
     batches = [1, 4] if quick else [1, 2, 4, 8, 16, 32, 64, 96]
-    contexts = [32, 128] if quick else [256, 1024, 2048]
+    contexts = [32, 128] if quick else [256, 1024, 2048, 4096]
     steps = 4 if quick else 24
     return [(c, b, steps) for c in contexts for b in batches]
 

@@ -197,12 +197,14 @@ def find_goodput(url: str, model: str, wl: Workload, guess: float, run_s: float,
 
 
 def predict(preset: str, profile: Path, request_log: Path, wl: Workload, link_bytes_per_s: float | None,
-            chunk: int, html: Path) -> dict[str, Any]:
-    """``phaselens advise`` on the profile and the sample request log, for G=2 at TP1; its JSON."""
+            chunk: int, run_s: float, html: Path) -> dict[str, Any]:
+    """``phaselens advise`` on the profile and the sample request log, for G=2 at TP1, simulating load runs
+    of the measurement's length (``--run-seconds``: a short run from an empty server lets a TTFT-limited
+    mode pass rates above its steady state); its JSON."""
     cmd = [sys.executable, "-m", "phaselens", "advise", "--trace", str(profile), "--request-log",
            str(request_log), "--preset", preset, "--gpus", "2", "--tp", "1", "--ttft-ms", str(wl.ttft_ms),
            "--tpot-ms", str(wl.tpot_ms), "--attainment", str(ATTAINMENT), "--chunk-budget", str(chunk),
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--json", "--html", str(html)]
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--run-seconds", str(run_s), "--json", "--html", str(html)]
     if link_bytes_per_s is not None:
         cmd += ["--kv-link-gbps", f"{link_bytes_per_s * 8 / 1e9:.1f}"]
     else:  # CPU smoke run: the profile's meta names no GPU with known peaks; any will do for a dry run
@@ -290,7 +292,8 @@ def main(wl_name: str, preset: str, device: str, out_dir: Path, profile: Path | 
         shutil.copyfile(full_log, sample_log)
         report["sample"] = {"rate": rate0, "requests": sample_requests, "summary": sample}
 
-        advice = predict(preset, profile, sample_log, wl, link, chunk, out_dir / f"advice_{wl_name}.html")
+        advice = predict(preset, profile, sample_log, wl, link, chunk, run_seconds,
+                         out_dir / f"advice_{wl_name}.html")
         pred = predicted_goodput(advice)
         report["predicted"] = pred
         report["advise_command"] = advice.pop("_command")
