@@ -109,12 +109,6 @@ def _duration_s(text: str) -> float:
     default=None,
     help="Most sequences one engine instance runs at once (its --max-num-seqs); default: no limit.",
 )
-@click.option(
-    "--split-decode-uncapped",
-    is_flag=True,
-    help="Split decode instances take handed-off sequences past --max-num-seqs, and run those batches "
-    "without CUDA graphs (the bundled engine's decode role when issue 8 was measured).",
-)
 @click.option("--ttft-ms", type=float, required=True, help="TTFT target (ms).")
 @click.option("--tpot-ms", type=float, required=True, help="TPOT target (ms).")
 @click.option(
@@ -197,7 +191,6 @@ def advise(
     price_per_gpu_hour: float,
     chunk_budget: int | None,
     max_num_seqs: int | None,
-    split_decode_uncapped: bool,
     ttft_ms: float,
     tpot_ms: float,
     ttft_pct: float,
@@ -294,7 +287,6 @@ def advise(
             tp_degrees=tuple(tp_degrees),
             chunk_budget=chunk_budget,
             max_num_seqs=max_num_seqs,
-            split_decode_cap=not split_decode_uncapped,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from None

@@ -87,11 +87,6 @@ class Cluster:
     chunk_budget: int | None = None
     #: most sequences one engine instance runs at once (its max_num_seqs); None: no limit
     max_num_seqs: int | None = None
-    #: whether split decode instances hold to max_num_seqs. False models an engine whose decode instances
-    #: take every handed-off sequence their KV cache has room for, and run the steps past max_num_seqs
-    #: without CUDA graphs (captured up to max_num_seqs), eagerly: the bundled engine's decode role when
-    #: issue 8 was measured (engine/scheduler.py ``Scheduler.attach`` does not check max_num_seqs)
-    split_decode_cap: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or self.gpus < 1:

@@ -269,12 +269,9 @@ class Screen:
         # Little's law fixed point for the running batch
         t = co.decode_step(1.0, ctx_mean)
         batch = 0.0
-        # a split decode instance without the sequence cap runs the batches past it eagerly
-        uncapped = local is None and not cl.split_decode_cap
-        graph_max = cl.max_num_seqs if uncapped and cl.max_num_seqs else math.inf
         for _ in range(80):
             batch = rate * e_steps * t
-            d = co.decode_step(max(batch, 1e-9), batch * ctx_mean, batch > graph_max)
+            d = co.decode_step(max(batch, 1e-9), batch * ctx_mean)
             t_new = d / (1.0 - u_p)
             if not math.isfinite(t_new) or t_new > 60.0:
                 return math.inf, math.inf, {**details, "limit": "decode batch diverges"}
@@ -291,7 +288,7 @@ class Screen:
         details.update({"step_s": t, "batch": batch, "kv_tokens": kv_need, "kv_capacity_tokens": capacity})
         if kv_need > cl.kv_high_watermark * capacity:
             return math.inf, math.inf, {**details, "limit": "KV memory"}
-        if cl.max_num_seqs is not None and batch > cl.max_num_seqs and not uncapped:
+        if cl.max_num_seqs is not None and batch > cl.max_num_seqs:
             # the engine runs at most max_num_seqs sequences: past that, requests queue between tokens
             return math.inf, math.inf, {**details, "limit": "max sequences"}
         # KV link (remote requests): M/G/1 of transfers on this instance's link

@@ -21,8 +21,7 @@ What it models (issue 5, "Discrete-event simulator"):
   session-affine in colocated mode, which is what makes those history hits possible there;
 * least-loaded routing (fewest outstanding requests) to every pool;
 * step cadence: each step takes the host gap before it plus its GPU time (``StepCoefficients.*_step``), the
-  engine's and the serving path's host time (advisor/host_gap.py); a decode batch past max_num_seqs (a
-  split decode worker without the cap, ``Cluster.split_decode_cap``) runs eagerly, at least the launch floor.
+  engine's and the serving path's host time (advisor/host_gap.py).
 
 Not modelled: preemption (admission control keeps the KV under the watermark instead), pipeline
 parallelism, and the front-end's own latency.
@@ -153,8 +152,6 @@ class _DecodeSide(_Worker):
         self.capacity = capacity * sim.cluster.kv_high_watermark
         #: the engine's max_num_seqs: sequences running (decoding or mid-prefill) at once
         self.max_seqs = sim.cluster.max_num_seqs or (1 << 30)
-        #: decode batches above this run without CUDA graphs (captured up to max_num_seqs)
-        self.graph_max = self.max_seqs
         self.link_bps = link_bps
         self.link_free = 0.0
         self.n = 0
@@ -214,7 +211,7 @@ class _DecodeSide(_Worker):
             self.busy = False
             return
         self.busy = True
-        dt = self.co.decode_step(self.n, self.ctx, self.n > self.graph_max)
+        dt = self.co.decode_step(self.n, self.ctx)
         self.sim.record_step(dt, self.n)
         self.busy_s += dt
         self.sim.push(now + dt, self._step_done, self.n)
@@ -465,9 +462,6 @@ class Simulator:
             decoders: list[Any] = [
                 _DecodeSide(self, co_d, f"d{i}", cap[pl.tp_d], link) for i in range(pl.n_d)
             ]
-            if not cl.split_decode_cap:
-                for d in decoders:
-                    d.max_seqs = 1 << 30  # only the KV cache bounds the batch
         else:
             decoders = [
                 _ColocatedWorker(self, co_d, f"c{i}", cap[pl.tp_d], link, pl.chunk or 0)

@@ -137,15 +137,11 @@ class StepCoefficients:
     # Step cadence: the host gap before a step plus its GPU time (an engine steps back to back, so this is
     # the time between two steps' outputs). The simulator and the screen plan with these.
 
-    def decode_step(self, batch: float, context: float, eager: bool = False) -> float:
-        """Cadence of a decode step: host gap plus GPU time. ``eager``: the step runs without a CUDA graph
-        (a batch past the captured sizes), launched kernel by kernel like a prefill: at least its floor."""
+    def decode_step(self, batch: float, context: float) -> float:
+        """Cadence of a decode step: host gap plus GPU time."""
         if batch <= 0:
             return 0.0
-        gpu = self.decode_time(batch, context)
-        if eager:
-            gpu = _floored(gpu, self.prefill_floor)
-        return self.host.before(Phase.DECODE, batch) + gpu
+        return self.host.before(Phase.DECODE, batch) + self.decode_time(batch, context)
 
     def prefill_step(self, sum_l: float, sum_quad: float, seqs: float = 1.0) -> float:
         """Cadence of a prefill-only step of ``seqs`` prompts: host gap plus GPU time."""

@@ -110,7 +110,6 @@ def predict_goodput(
     tp: int = 1,
     chunk_budget: int | None = None,
     max_num_seqs: int | None = None,
-    split_decode_cap: bool = True,
     rate: float | None = None,
     burstiness: float = 1.0,
     ttft_overhead_ms: float | None = None,
@@ -128,11 +127,10 @@ def predict_goodput(
     --request-log`` (lengths, burstiness and measured TTFTs from the log). Given with lengths, the log serves
     only to estimate the TTFT overhead. ``chunk_budget`` and ``max_num_seqs`` are the
     serving engine's ``--max-num-batched-tokens`` and ``--max-num-seqs`` (so colocated is judged at the
-    engine's own chunk budget; split prefill workers chunk at it too). ``split_decode_cap=False`` models split
-    decode workers that take sequences past ``max_num_seqs`` (the bundled engine's decode role when issue 8
-    was measured). ``kv_link_gbps`` is the per-GPU bandwidth between the pools in Gb/s (a
-    measured peer copy of B bytes/s is ``B * 8 / 1e9``). ``ttft_overhead_ms``: time outside the engine's steps
-    in every TTFT; None estimates it from the request log as ``phaselens advise`` does (0 without a log).
+    engine's own chunk budget; split prefill workers chunk at it too). ``kv_link_gbps`` is the per-GPU
+    bandwidth between the pools in Gb/s (a measured peer copy of B bytes/s is ``B * 8 / 1e9``).
+    ``ttft_overhead_ms``: time outside the engine's steps in every TTFT; None estimates it from the request
+    log as ``phaselens advise`` does (0 without a log).
     ``serving_overhead_ms``: host time per step the serving path adds to the profile's step cadence; None
     estimates it from the request log's TPOTs as ``phaselens advise`` does (none without a log).
     ``run_s``: simulate load runs of that many seconds of arrivals, as the measurement's goodput search ran
@@ -177,8 +175,6 @@ def predict_goodput(
         cmd += ["--chunk-budget", str(chunk_budget)]
     if max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
-    if not split_decode_cap:
-        cmd += ["--split-decode-uncapped"]
     if run_s is not None:
         cmd += ["--run-seconds", repr(float(run_s))]
 
@@ -204,7 +200,7 @@ def predict_goodput(
     slo = Slo(ttft_ms / 1e3, tpot_ms / 1e3, ttft_pct, tpot_pct, attainment)
     cluster = Cluster(gpus=gpus, gpu=gpu_spec(gpu_name), model=model_cfg, gpus_per_node=max(8, gpus),
                       kv_link_gbps=kv_link_gbps, tp_degrees=(tp,), ttft_overhead_s=overhead_s,
-                      chunk_budget=chunk_budget, max_num_seqs=max_num_seqs, split_decode_cap=split_decode_cap)
+                      chunk_budget=chunk_budget, max_num_seqs=max_num_seqs)
     if ttft_overhead_ms is not None or not from_log:
         cmd += ["--ttft-overhead-ms", repr(overhead_s * 1e3)]
     if step_model.host.serving_source and (serving_overhead_ms is not None or not from_log):

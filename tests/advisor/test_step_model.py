@@ -105,8 +105,8 @@ def test_launch_floor_found_and_the_line_fitted_above_it():
     assert co.prefill_time(128, 128 ** 2) == pytest.approx(floor, rel=0.1)
     assert co.prefill_time(8000, 8000 ** 2) == pytest.approx(a + b * 8000 + c * 8000 ** 2, rel=0.03)
     assert any("launch floor" in f for f in model.flags)
-    # a decode batch run eagerly (past the captured graphs) takes at least the floor too
-    assert co.decode_step(8, 8 * 300, eager=True) >= co.prefill_floor > co.decode_step(8, 8 * 300)
+    # decode steps replay CUDA graphs: the eager launch floor does not apply to them
+    assert co.prefill_floor > co.decode_step(8, 8 * 300)
 
 
 def test_no_floor_when_the_data_has_none():
