@@ -69,6 +69,7 @@ class AgentDaemon:
         self.recorder: TraceWriter | None = None
         self.clock = clock
         self.samplers = [_Scheduled(s, int(interval_ms * 1e6)) for s, interval_ms in samplers]
+        self._reads_steps = any(getattr(s, "reads_steps", False) for s, _ in samplers)
         self.attributor = Attributor(AttributionConfig(method=config.method, horizon_s=config.horizon_s))
         self.gpus: dict[str, GpuIdentity] = {g.uuid: g for g in gpus}
         self.specs: dict[str, GpuSpec | None] = {}
@@ -82,13 +83,23 @@ class AgentDaemon:
     def tick(self, now_ns: int | None = None) -> None:
         """One turn of the loop: sample -> timeline -> attribute -> publish."""
         now = self.clock() if now_ns is None else now_ns
+        if self._reads_steps:
+            self.flush_receiver()
         samples = self.sample(now)
         # polls that saw no refresh stay out of the timeline (the recorder keeps them); the attribution
         # looks at refreshes only
         self.timeline.add_samples(s for s in samples if any(v is not None for v in s.values.values()))
         if now >= self._next_attr_ns:
             self._next_attr_ns = now + int(self.config.attribute_interval_s * 1e9)
+            self.flush_receiver()
             self.publish(self.attribute(now))
+
+    def flush_receiver(self) -> None:
+        """Put the records the shims have sent but the receiver has not handled yet (it handles them in
+        batches, agent/receiver.py) on the timeline: before attributing, and before each poll of a sampler
+        that reads the timeline (the simulated one), so neither misses a step."""
+        if self.receiver is not None:
+            self.receiver.flush()
 
     def sample(self, now: int) -> list[SampleRecord]:
         """Poll every sampler that is due; record each one's health; replayed steps go on the timeline."""

@@ -1,31 +1,96 @@
 """Phase receiver: the Unix datagram server the engines' shims send step records to.
 
 The socket is created with 0660 permissions (the engine's group may send; nobody else). Each datagram is one
-JSON record (phaselens.trace); it is validated for size, schema (``parse_line``), GPU (a UUID this agent
-watches), time range (not far in the past or future, not absurdly long) and rate (a token bucket), and
-every rejection is counted by reason in :class:`AgentState` and logged at most once a minute per reason.
-Nothing a sender does can crash the receiver or grow its memory: the timeline is bounded.
+JSON record (phaselens.trace); it is validated for size, schema (:func:`fast_step`, else ``parse_record``),
+GPU (a UUID this agent watches), time range (not far in the past or future, not absurdly long) and rate (a
+token bucket), and every rejection is counted by reason in :class:`AgentState` and logged at most once a
+minute per reason. Nothing a sender does can crash the receiver or grow its memory: the timeline is bounded.
+
+Records are handled in batches while they come slowly. At ~80 steps/s per GPU nearly every record used
+to arrive alone, and one record validated right after a wake-up, with the interpreter's caches cold, cost
+70 us on our CPU machine against 22 us for a second one on the same wake-up (bench/agent_overhead.py, issue
+12). So after draining the socket the thread lets the next few records gather in the kernel's queue before
+it looks again (see ``_run``); the daemon drains the socket itself (:meth:`flush`) before it attributes and
+before each poll of a sampler that reads the steps, so neither sees a step late. The kernel queues only
+``net.unix.max_dgram_qlen`` datagrams (10 by default): the wait aims at a few records, is skipped at higher
+rates, and a full queue parks records in the shim's backlog, retried on its next step
+(serving_shim/emitter.py): delayed, not lost.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import select
 import socket
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from phaselens.agent.state import AgentState
 from phaselens.agent.timeline import Timeline
-from phaselens.trace import MetaRecord, StepRecord, TraceFormatError, parse_line
+from phaselens.phase import Clock, Phase, Role
+from phaselens.trace import MetaRecord, StepRecord, TraceFormatError, parse_record
 
 log = logging.getLogger(__name__)
 
 #: Rejection reasons (the ``reason`` label of phaselens_shim_events_rejected_total).
 REASONS = ("oversize", "malformed", "unknown_gpu", "time_range", "rate_limited", "not_a_step")
+
+#: the step record's enum fields as the shim writes them (lowercase values); any other spelling goes through
+#: the full parser, which also accepts other cases of role and phase
+_ROLES = {r.value: r for r in Role}
+_PHASES = {p.value: p for p in Phase}
+_CLOCKS = {c.value: c for c in Clock}
+_MAX_ID_LEN = 128  # phaselens.trace's bound on gpu_uuid and engine_id
+#: records a wait between batches aims to let gather in the kernel's queue: under a third of Linux's default
+#: net.unix.max_dgram_qlen (10), so a burst of one record per GPU of an 8-GPU engine still fits beside them
+_GATHER = 2.5
+#: the first wait after the senders paused (it doubles from there)
+_MIN_WAIT_S = 0.001
+#: above this many records a second (two GPUs at ~100 steps/s) records arrive in bursts and are not waited for
+_BATCH_BELOW_PER_S = 200.0
+
+
+def fast_step(obj: Any) -> StepRecord | None:
+    """The step record a decoded datagram holds, if it is well-formed as the shim writes it; else ``None``,
+    and the full parser (:func:`phaselens.trace.parse_record`) decides, with its error message.
+
+    The receiver's hot path: every datagram is a step record, and the generic parser spends most of its time
+    on per-field helper calls. This checks the same schema (DESIGN.md's step record: identifiers of 1..128
+    characters, the lowercase role/phase/clock values, non-negative integers, finite non-negative floats, t1
+    not before t0) in one pass and builds the same :class:`StepRecord`; it never accepts what the parser
+    rejects (tests/agent/test_receiver.py compares the two on valid and mutated records)."""
+    try:
+        if obj["type"] != "step":
+            return None
+        uuid, engine = obj["gpu_uuid"], obj["engine_id"]
+        role, phase, clock = _ROLES.get(obj["role"]), _PHASES.get(obj["phase"]), _CLOCKS.get(obj["clock"])
+        step, t0, t1 = obj["step"], obj["t0_ns"], obj["t1_ns"]
+        prefill, decode, batch, context = (obj["prefill_tokens"], obj["decode_tokens"], obj["batch"],
+                                           obj["context_tokens"])
+        flops, nbytes = obj["flops"], obj["bytes"]
+    except (KeyError, TypeError):  # not an object, a field missing, an unhashable enum value
+        return None
+    if (role is None or phase is None or clock is None
+            or type(uuid) is not str or not 0 < len(uuid) <= _MAX_ID_LEN
+            or type(engine) is not str or not 0 < len(engine) <= _MAX_ID_LEN
+            # exact types: a JSON true is a bool, never a count
+            or type(step) is not int or type(t0) is not int or type(t1) is not int
+            or type(prefill) is not int or type(decode) is not int or type(batch) is not int
+            or type(context) is not int
+            or step < 0 or t0 < 0 or t1 < t0 or prefill < 0 or decode < 0 or batch < 0 or context < 0
+            # floats only (the shim's); an integer amount takes the full parser
+            or type(flops) is not float or type(nbytes) is not float
+            or not (math.isfinite(flops) and flops >= 0 and math.isfinite(nbytes) and nbytes >= 0)):
+        return None
+    return StepRecord(gpu_uuid=uuid, engine_id=engine, role=role, phase=phase, step=step, t0_ns=t0, t1_ns=t1,
+                      clock=clock, prefill_tokens=prefill, decode_tokens=decode, batch=batch,
+                      context_tokens=context, flops=flops, bytes=nbytes)
 
 
 class PhaseReceiver:
@@ -33,6 +98,8 @@ class PhaseReceiver:
 
     ``known_gpus``: UUIDs this agent watches; ``None`` accepts any (it learns them from records).
     ``on_step``/``on_meta`` are called for each accepted record (the recorder uses them).
+    ``batch_delay_s``: the longest records may gather in the kernel's queue between batches (module
+    docstring); at ~80 steps/s the wait is ~30 ms (about _GATHER records).
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], state: AgentState, timeline: Timeline, *,
@@ -40,7 +107,8 @@ class PhaseReceiver:
                  max_rate_per_s: float = 20_000.0, max_age_s: float = 600.0, max_future_s: float = 10.0,
                  max_step_s: float = 600.0, clock: Callable[[], int] = time.time_ns,
                  on_step: Callable[[StepRecord], None] | None = None,
-                 on_meta: Callable[[MetaRecord], None] | None = None):
+                 on_meta: Callable[[MetaRecord], None] | None = None,
+                 batch_delay_s: float = 0.05):
         self.socket_path = Path(socket_path)
         self.state, self.timeline = state, timeline
         self.known_gpus = known_gpus
@@ -57,6 +125,10 @@ class PhaseReceiver:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.metas: dict[str, MetaRecord] = {}
+        self.batch_delay_s = batch_delay_s
+        #: one drainer at a time (the receiving thread or the daemon's tick): records stay in arrival order
+        #: and the token bucket is not updated twice at once
+        self._handle_lock = threading.Lock()
 
     # ---------------------------------------------------------------- socket
 
@@ -75,8 +147,9 @@ class PhaseReceiver:
             os.umask(old)
         os.chmod(self.socket_path, 0o660)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        # blocking: one wake-up per burst of datagrams (drained without waiting), none while idle; stop()
-        # wakes it with an empty datagram
+        # non-blocking, waited on with poll(): one wake-up per burst of datagrams (drained without waiting),
+        # none while idle with nothing pending; stop() wakes it with an empty datagram
+        sock.setblocking(False)
         self._sock = sock
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="phase-receiver", daemon=True)
@@ -103,28 +176,57 @@ class PhaseReceiver:
 
     def _run(self) -> None:
         assert self._sock is not None
-        size = self.max_record_bytes + 1
-        sock = self._sock
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        last = time.monotonic()
+        wait = 0.0
         while not self._stop.is_set():
-            try:
-                data = sock.recv(size)
-            except OSError as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("phase receiver: recv failed: %s", exc)
-                time.sleep(0.01)  # a persistent socket error must not spin
+            n = self.flush()
+            now = time.monotonic()
+            if not n:
+                poller.poll()  # nothing queued: sleep until something is (stop() sends an empty datagram)
+                if time.monotonic() - now > self.batch_delay_s:
+                    wait = 0.0  # the senders paused: their next rate is unknown, start short again
                 continue
+            # At a low rate (a GPU or two: records arrive one by one), let the next ones gather in the
+            # kernel's queue: one wake-up per few records rather than per record. At the rate these came in,
+            # about _GATHER records arrive meanwhile, well inside the queue (max_dgram_qlen, 10 by default)
+            # with a burst of one record per GPU on top. The wait at most doubles from one batch to the next,
+            # so traffic that starts suddenly is caught within a few ms. At higher rates records come in
+            # bursts that one wake-up drains anyway; no wait, so the queue never fills.
+            rate = n / max(now - last, 1e-6)
+            wait = 0.0 if rate > _BATCH_BELOW_PER_S else \
+                min(self.batch_delay_s, _GATHER / rate, max(2 * wait, _MIN_WAIT_S))
+            last = now
+            if wait:
+                time.sleep(wait)
+        self.flush()  # what was queued before stop() is handled, not lost
+
+    def flush(self) -> int:
+        """Receive and validate every datagram queued on the socket (in arrival order); returns how many.
+
+        The receiving thread calls this when it wakes; the daemon before it attributes (and before polling a
+        sampler that reads the steps), so that they see every step the shims have sent."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        size = self.max_record_bytes + 1
+        n = 0
+        with self._handle_lock:
             while True:
-                if self._stop.is_set():
-                    return
-                self.handle(data)
                 try:
-                    data = sock.recv(size, socket.MSG_DONTWAIT)  # drain what else is queued, no wake-up
+                    data = sock.recv(size)
                 except (BlockingIOError, InterruptedError):
-                    break
+                    return n
                 except OSError as exc:
-                    log.warning("phase receiver: recv failed: %s", exc)
-                    break
+                    if not self._stop.is_set():
+                        log.warning("phase receiver: recv failed: %s", exc)
+                        time.sleep(0.01)  # a persistent socket error must not spin
+                    return n
+                if not data and self._stop.is_set():
+                    continue  # stop()'s wake-up, not a record
+                self.handle(data)
+                n += 1
 
     # ---------------------------------------------------------------- validation
 
@@ -132,12 +234,19 @@ class PhaseReceiver:
         """Validate one datagram; returns True if it was accepted. Never raises for bad input."""
         if len(data) > self.max_record_bytes:
             return self._reject("oversize", f"{len(data)} bytes > {self.max_record_bytes}")
-        if not self._take_token():
+        now = self.clock()
+        if not self._take_token(now):
             return self._reject("rate_limited", f"over {self.max_rate_per_s:.0f} records/s")
         try:
-            rec = parse_line(data)
+            obj = json.loads(data)
+            rec = fast_step(obj) or parse_record(obj)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return self._reject("malformed", f"not valid JSON: {exc}")
         except TraceFormatError as exc:
             return self._reject("malformed", str(exc))
+        except (RecursionError, OverflowError) as exc:  # "[[[[..." nested past the limit; an integer too
+            # large for a float: malformed too, and they must not end the receiving thread
+            return self._reject("malformed", f"{type(exc).__name__}: {exc}")
         if isinstance(rec, MetaRecord):
             for g in rec.gpus:
                 if self.known_gpus is None or g.uuid in self.known_gpus:
@@ -150,19 +259,16 @@ class PhaseReceiver:
             return self._reject("not_a_step", "only step and meta records are accepted on the socket")
         if self.known_gpus is not None and rec.gpu_uuid not in self.known_gpus:
             return self._reject("unknown_gpu", f"GPU {rec.gpu_uuid!r} is not watched by this agent")
-        now = self.clock()
         if rec.t1_ns < now - self.max_age_ns or rec.t0_ns > now + self.max_future_ns \
                 or rec.t1_ns - rec.t0_ns > self.max_step_ns:
             return self._reject("time_range", f"step {rec.t0_ns}..{rec.t1_ns} ns is out of range at {now}")
         self.timeline.add_step(rec)
-        self.state.observe_step(rec)
-        self.state.count_received()
+        self.state.observe_step(rec, received=True)
         if self.on_step:
             self.on_step(rec)
         return True
 
-    def _take_token(self) -> bool:
-        now = self.clock()
+    def _take_token(self, now: int) -> bool:
         refill = (now - self._refill_ns) / 1e9 * self.max_rate_per_s
         self._tokens = min(self.max_rate_per_s, self._tokens + refill)
         self._refill_ns = now

@@ -7,6 +7,7 @@ All figures are in base units; utilizations are ratios 0..1 (DESIGN.md, "Prometh
 
 from __future__ import annotations
 
+import bisect
 import copy
 import threading
 import time
@@ -79,9 +80,10 @@ class Histogram:
     count: int = 0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
+        """Count ``value`` in every bucket whose bound is >= it (``counts`` are cumulative)."""
+        counts = self.counts
+        for i in range(bisect.bisect_left(self.bounds, value), len(counts)):
+            counts[i] += 1
         self.total += value
         self.count += 1
 
@@ -145,10 +147,13 @@ class AgentState:
         with self._lock:
             self._attribution[result.gpu.uuid] = result
 
-    def observe_step(self, step: StepRecord) -> None:
-        """Count one step's busy time, tokens and duration."""
+    def observe_step(self, step: StepRecord, *, received: bool = False) -> None:
+        """Count one step's busy time, tokens and duration; ``received``: also count it as a record received
+        from a shim (one lock for both: the receiver does this for every datagram)."""
         key = (step.gpu_uuid, step.phase)
         with self._lock:
+            if received:
+                self._received += 1
             self._busy[key] += step.duration_s
             if step.prefill_tokens:
                 self._tokens[(step.gpu_uuid, step.phase, "prefill")] += step.prefill_tokens

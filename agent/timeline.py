@@ -33,6 +33,10 @@ class Timeline:
         self._steps: dict[str, deque[StepRecord]] = {}
         self._samples: dict[str, deque[SampleRecord]] = {}
         self._newest: dict[str, int] = {}
+        #: per GPU: the latest end of any step added, and how far (ns) the latest-arriving step ended before
+        #: that: bounds how far back :meth:`steps_between` must walk
+        self._step_end: dict[str, int] = {}
+        self._lateness: dict[str, int] = {}
         self.dropped_steps = 0
         self.dropped_samples = 0
 
@@ -45,6 +49,11 @@ class Timeline:
             # steps (two engines on one GPU) are therefore fine; the count cap bounds what a flood holds.
             q.append(step)
             self._note(step.gpu_uuid, step.t1_ns)
+            end = self._step_end.get(step.gpu_uuid, step.t1_ns)
+            if step.t1_ns < end:
+                self._lateness[step.gpu_uuid] = max(self._lateness.get(step.gpu_uuid, 0), end - step.t1_ns)
+            else:
+                self._step_end[step.gpu_uuid] = step.t1_ns
             while len(q) > self.max_steps:
                 q.popleft()
                 self.dropped_steps += 1
@@ -102,10 +111,15 @@ class Timeline:
             q = self._steps.get(gpu_uuid)
             if not q:
                 return []
+            # Recent windows: walk from the newest arrival back. Once a step ends more than the largest
+            # lateness seen before t0, every step that arrived before it ended before t0 (it ended no later
+            # than the latest end at that arrival, which is at most that lateness after this step's end), so
+            # none of them can overlap. Capped by the horizon, the bound this walk has always had.
+            limit = t0_ns - min(self._lateness.get(gpu_uuid, 0), self.horizon_ns)
             out = []
-            for s in reversed(q):  # recent windows: walk from the newest end
-                if s.t1_ns < t0_ns - self.horizon_ns:
-                    break  # arrival order is nearly time order: nothing older can overlap
+            for s in reversed(q):
+                if s.t1_ns < limit:
+                    break
                 if s.t0_ns <= t1_ns and s.t1_ns >= t0_ns:
                     out.append(s)
             out.reverse()

@@ -62,6 +62,8 @@ class SimulatedSampler:
     """GPM-like samples for ``gpu_uuids`` (``GPU-sim-<n>`` on CPU) from the steps ``steps`` holds."""
 
     name = "simulated"
+    #: it reads the step timeline: the daemon hands it every step received before each poll
+    reads_steps = True
 
     def __init__(self, gpu_uuids: list[str], steps: StepSource, model: SimulatedGpuModel | None = None,
                  seed: int = 0, clock: Callable[[], int] = time.time_ns):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from phaselens.agent.receiver import PhaseReceiver
+from phaselens.agent.receiver import PhaseReceiver, fast_step
 from phaselens.agent.state import AgentState
 from phaselens.agent.timeline import Timeline
 from phaselens.phase import Phase
-from phaselens.trace import dumps
+from phaselens.trace import TraceFormatError, dumps, parse_record, record_to_dict
 from tests.agent.sim_helpers import step
 
 
@@ -167,3 +167,98 @@ def test_a_future_record_does_not_push_the_horizon_out() -> None:
         tl.add_step(step("GPU-1", Phase.DECODE, now - (i + 1) * 100_000_000, now - i * 100_000_000, i))
     tl.add_step(step("GPU-1", Phase.DECODE, now + 9 * 10**9, now + 9 * 10**9 + 1, 999))  # within max_future_s
     assert len(tl.steps("GPU-1")) == 101
+
+
+def test_deep_nesting_or_huge_integers_are_malformed_not_fatal(receiver: PhaseReceiver) -> None:
+    huge = json.loads(now_step())
+    huge_text = json.dumps(huge).replace(f'"flops": {huge["flops"]}', '"flops": 1' + "0" * 400)
+    assert '"flops": 1000' in huge_text
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"[" * 3000, str(receiver.socket_path))  # json: RecursionError
+        s.sendto(huge_text.encode(), str(receiver.socket_path))  # float(int): OverflowError
+        s.sendto(now_step(), str(receiver.socket_path))
+    wait_for(lambda: receiver.state.snapshot().shim_received == 1)
+    assert receiver.state.snapshot().shim_rejected == {"malformed": 2}
+    assert receiver._thread is not None and receiver._thread.is_alive()
+
+
+def _mutations(base: dict) -> list:
+    """The base record, and copies with one field wrong in each way the schema can be wrong (or right in a way
+    the fast path leaves to the full parser)."""
+    out: list = [base, dict(base, extra_key=1), dict(base, flops=5), dict(base, role="COLOCATED"),
+                 dict(base, phase="Decode"), dict(base, t1_ns=base["t0_ns"] - 1),
+                 dict(base, t1_ns=base["t0_ns"]), dict(base, type="sample"), dict(base, type=1), [base],
+                 "step", None]
+    values = [True, False, None, -1, 0, 1.5, float("nan"), float("inf"), -0.0, "", "x" * 129, "x" * 128,
+              "gpu", "host", "prefill", "colocated", [], {}, 2**64]
+    for key in base:
+        missing = dict(base)
+        del missing[key]
+        out.append(missing)
+        out.extend(dict(base, **{key: v}) for v in values)
+    return out
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_fast_step_accepts_exactly_what_the_parser_accepts_and_builds_the_same_record(phase: Phase) -> None:
+    base = record_to_dict(step("GPU-sim-0", phase, 1_000, 2_000, 7, flops=1e12, nbytes=2e9))
+    assert fast_step(base) == parse_record(base)  # the shim's records take the fast path
+    taken = 0
+    for obj in _mutations(base):
+        fast = fast_step(obj)
+        if fast is None:
+            continue  # left to the full parser
+        taken += 1
+        try:
+            full = parse_record(obj)
+        except TraceFormatError as exc:
+            raise AssertionError(f"fast path accepted what the parser rejects ({exc}): {obj!r}") from None
+        assert full == fast and type(full.flops) is type(fast.flops) is float, obj
+    assert taken > 10
+
+
+def test_records_queued_at_stop_are_handled_not_lost(receiver: PhaseReceiver) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for i in range(8):  # within the kernel's default queue of 10
+            s.sendto(now_step(i=i), str(receiver.socket_path))
+    receiver.stop()  # the thread may be between batches: what is queued is handled before it ends
+    assert receiver.state.snapshot().shim_received == 8
+    assert [st.step for st in receiver.timeline.steps("GPU-sim-0")] == list(range(8))
+
+
+def test_flush_hands_over_what_is_queued_at_once(tmp_path: Path) -> None:
+    rx = PhaseReceiver(tmp_path / "s.sock", AgentState("t"), Timeline(horizon_s=60), known_gpus={"GPU-sim-0"},
+                       batch_delay_s=3600.0)
+    rx.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            for i in range(5):
+                s.sendto(now_step(i=i), str(rx.socket_path))
+        rx.flush()  # whether the thread took some or none yet, all five are on the timeline now
+        assert len(rx.timeline.steps("GPU-sim-0")) == 5 and rx.state.snapshot().shim_received == 5
+    finally:
+        rx.stop()
+
+
+def test_steps_between_matches_a_full_scan_with_late_arrivals() -> None:
+    import random
+
+    rng = random.Random(3)
+    tl = Timeline(horizon_s=600.0, clock=lambda: 10**18 + 10**12)  # nothing trimmed here
+    t, steps = 10**18, []
+    for i in range(3000):
+        d = rng.randrange(1, 40) * 10**6
+        steps.append(step("GPU-1", Phase.DECODE, t, t + d, i))
+        t += d + rng.randrange(0, 5) * 10**6
+    order = list(steps)
+    for _ in range(200):  # some records arrive late, up to 2 s (another engine on the GPU, a retried send)
+        i = rng.randrange(len(order) - 200)
+        j = min(len(order) - 1, i + rng.randrange(1, 200))
+        order.insert(j, order.pop(i))
+    for s in order:
+        tl.add_step(s)
+    for _ in range(300):
+        a = rng.randrange(steps[0].t0_ns, steps[-1].t1_ns)
+        b = a + rng.randrange(0, 300) * 10**6
+        want = [s for s in order if s.t0_ns <= b and s.t1_ns >= a]
+        assert tl.steps_between("GPU-1", a, b) == want
