@@ -64,6 +64,13 @@ class GpmSampler:
         self._requests: dict[str, tuple[tuple[str, ...], Any]] = {}
         #: per GPU: times of the last refreshes seen, for :meth:`next_due_ns`
         self._updates: dict[str, deque[int]] = {}
+        #: per GPU: when it is due (planned by :meth:`next_due_ns`), the earliest of those (what the caller
+        #: was told; 0 until planned: every call polls every GPU), and the GPUs the last call polled. Each GPU
+        #: refreshes on its own phase: polling every GPU whenever one is due would poll each of N GPUs about
+        #: N times per refresh.
+        self._due: dict[str, int] = {}
+        self._planned = 0
+        self._polled: set[str] = set()
         for gpu in gpus:
             try:
                 supported = self.nvml.nvmlGpmQueryDeviceSupport(gpu.handle).isSupportedDevice
@@ -89,12 +96,16 @@ class GpmSampler:
         return [g for g in self.gpus if g.failed]
 
     def sample(self) -> list[SampleRecord]:
-        """One GPM delta per live GPU; values ``None`` when the counters had not refreshed."""
+        """One GPM delta per live GPU that is due (every live GPU until :meth:`next_due_ns` plans them);
+        values ``None`` when the counters had not refreshed."""
         out = []
         self.last_error = ""
+        self._polled.clear()
         for gpu in self.gpus:
-            if gpu.failed:
+            # due by the plan this call was made for (no clock read here: the caller's clock decides when)
+            if gpu.failed or self._due.get(gpu.uuid, 0) > self._planned:
                 continue
+            self._polled.add(gpu.uuid)
             rec = self._sample_one(gpu)
             if rec is not None:
                 out.append(rec)
@@ -165,20 +176,29 @@ class GpmSampler:
         """When to poll next. GPM refreshes on a steady cadence (~100 ms, +-1 ms on the H100), so once the
         cadence is known the sampler sleeps until just before the next expected refresh (2 ms early) and,
         if that poll finds no refresh yet, polls again every ``min(interval, 4 ms)`` until it does: about one
-        poll per refresh, each seen within a few ms (a constant delay the attribution's offset absorbs)."""
-        expected = []
+        poll per refresh, each seen within a few ms (a constant delay the attribution's offset absorbs).
+
+        Planned per GPU (each has its own refresh phase); the next :meth:`sample` polls only the GPUs due by
+        the time returned, and a GPU the last call did not poll keeps its plan (if that is already past, it is
+        polled at once)."""
+        dues = []
         for gpu in self.gpus:
-            seen = self._updates.get(gpu.uuid)
             if gpu.failed:
                 continue
-            if not seen or len(seen) < 4:
-                return now_ns + interval_ns
-            period = statistics.median(b - a for a, b in zip(seen, list(seen)[1:]))
-            expected.append(seen[-1] + period - _EARLY_NS)
-        if not expected:
-            return now_ns + interval_ns
-        due = int(min(expected))
-        return due if due > now_ns else now_ns + min(interval_ns, _RETRY_NS)
+            due = self._due.get(gpu.uuid, 0)
+            if gpu.uuid in self._polled or gpu.uuid not in self._due:
+                seen = self._updates.get(gpu.uuid)
+                if not seen or len(seen) < 4:
+                    due = now_ns + interval_ns
+                else:
+                    period = statistics.median(b - a for a, b in zip(seen, list(seen)[1:]))
+                    due = int(seen[-1] + period - _EARLY_NS)
+                    if due <= now_ns:
+                        due = now_ns + min(interval_ns, _RETRY_NS)
+                self._due[gpu.uuid] = due
+            dues.append(due)
+        self._planned = min(dues) if dues else now_ns + interval_ns
+        return self._planned
 
     def close(self) -> None:
         for bufs in self._buffers.values():

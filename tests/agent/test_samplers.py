@@ -261,6 +261,44 @@ def test_gpm_polls_lock_onto_the_refresh_cadence() -> None:
     assert max(lags) <= 4.0  # each refresh seen within one retry
 
 
+def test_gpm_polls_each_gpu_on_its_own_refresh_phase() -> None:
+    # two GPUs refreshing every 100 ms, 37 ms apart: once locked, each GPU is polled around its own refreshes
+    # only (polling both whenever either is due would double every GPU's polls), each refresh seen in time
+    clock = Clock_(10**15)
+    gpus = [FakeGpu("GPU-a", refresh_polls=1), FakeGpu("GPU-b", refresh_polls=1)]
+    phase_ns = {"GPU-a": 0, "GPU-b": 37_000_000}
+    nv = FakeNvml(gpus)
+    polls: dict[str, int] = {"GPU-a": 0, "GPU-b": 0}
+    get = nv.nvmlGpmSampleGet
+
+    def counted(gpu: FakeGpu, sample: object) -> None:
+        polls[gpu.uuid] += 1
+        get(gpu, sample)
+
+    nv.nvmlGpmSampleGet = counted  # type: ignore[method-assign]
+    s = GpmSampler(nvml=nv, clock=clock)
+    refresh_ns = 100_000_000
+    seen: dict[str, list[int]] = {"GPU-a": [], "GPU-b": []}
+    steady = {"GPU-a": 0, "GPU-b": 0}
+    end = clock.t + 3 * 10**9
+    next_due = clock.t
+    while clock.t < end:
+        clock.t = next_due
+        for gpu in gpus:  # each fake's generation follows the clock, on its own phase
+            gpu.polls = (clock.t - phase_ns[gpu.uuid]) // refresh_ns
+        before = dict(polls)
+        for r in updates(s.sample()):
+            seen[r.gpu_uuid].append(r.t_ns)
+        for uuid in polls:
+            steady[uuid] += (polls[uuid] - before[uuid]) * (len(seen[uuid]) >= 10)
+        next_due = s.next_due_ns(clock.t, 10_000_000)
+    for uuid in polls:
+        assert len(seen[uuid]) >= 28, uuid  # every refresh of the 3 s, less the first ones that only prime
+        assert steady[uuid] <= 2 * (len(seen[uuid]) - 10) + 1, (uuid, steady[uuid])
+        lags = [((t - phase_ns[uuid]) % refresh_ns) / 1e6 for t in seen[uuid][5:]]
+        assert max(lags) <= 4.0, uuid
+
+
 def test_dcgm_failures_are_logged_once_not_per_poll(caplog: pytest.LogCaptureFixture) -> None:
     def boom(url: str, timeout: float) -> str:
         raise ConnectionError("connection refused")
