@@ -91,24 +91,50 @@ class AttributionConfig:
 
 
 @dataclass
+class _Steps:
+    """One GPU's steps as columns, in the order given (one pass over the records; the rest is vectorised)."""
+
+    t0_ns: np.ndarray  # int64
+    t1_ns: np.ndarray  # int64
+    phase: np.ndarray  # index into BUSY, -1 for an IDLE step
+    flops: np.ndarray
+    bytes: np.ndarray
+
+    @classmethod
+    def of(cls, steps: Sequence[StepRecord]) -> "_Steps":
+        n = len(steps)
+        code = {p: i for i, p in enumerate(BUSY)}
+        return cls(np.fromiter((s.t0_ns for s in steps), np.int64, n),
+                   np.fromiter((s.t1_ns for s in steps), np.int64, n),
+                   np.fromiter((code.get(s.phase, -1) for s in steps), np.int64, n),
+                   np.fromiter((s.flops for s in steps), np.float64, n),
+                   np.fromiter((s.bytes for s in steps), np.float64, n))
+
+
+@dataclass
 class _Timeline:
     """Cumulative busy time of each busy phase at step boundaries, for exact window overlaps."""
 
     knots: np.ndarray  # seconds, sorted
     cum: np.ndarray  # (3, len(knots)) cumulative seconds of each busy phase
 
+    def __post_init__(self) -> None:
+        # np.interp's slopes, computed once for every evaluation (busy_before)
+        with np.errstate(divide="ignore", invalid="ignore"):  # zero-width intervals are never used
+            self._slope = np.diff(self.cum, axis=1) / np.diff(self.knots)
+
     @classmethod
-    def build(cls, steps: Sequence[StepRecord], t_ref_ns: int) -> "_Timeline":
-        if not steps:
+    def build(cls, steps: _Steps, t_ref_ns: int) -> "_Timeline":
+        if not len(steps.t0_ns):
             return cls(np.array([0.0, 1.0]), np.zeros((3, 2)))
-        ordered = sorted(steps, key=lambda s: s.t0_ns)
-        t0 = np.array([(s.t0_ns - t_ref_ns) / 1e9 for s in ordered])
-        t1 = np.array([(s.t1_ns - t_ref_ns) / 1e9 for s in ordered])
+        order = np.argsort(steps.t0_ns, kind="stable")  # start order; ties keep their order
+        t0 = (steps.t0_ns[order] - t_ref_ns) / 1e9
+        t1 = (steps.t1_ns[order] - t_ref_ns) / 1e9
         # overlapping intervals (two engines on one GPU, clock-mapping jitter) are clipped to the next start,
         # so no instant counts twice
         t1 = np.minimum(t1, np.append(t0[1:], np.inf))
         t1 = np.maximum(t1, t0)
-        phase = np.array([BUSY.index(s.phase) if s.phase in BUSY else -1 for s in ordered])
+        phase = steps.phase[order]
         knots = np.empty(2 * len(t0))
         knots[0::2], knots[1::2] = t0, t1
         cum = np.zeros((3, len(knots)))
@@ -121,18 +147,29 @@ class _Timeline:
         return cls(knots, cum)
 
     def busy_before(self, t: np.ndarray) -> np.ndarray:
-        """(3, len(t)) seconds each busy phase ran before time(s) t."""
-        return np.stack([np.interp(t, self.knots, self.cum[p]) for p in range(3)])
+        """(3, *t.shape) seconds each busy phase ran before time(s) t.
+
+        What ``np.interp(t, knots, cum[p])`` gives for each phase, to the bit: the same interval (the last
+        knot <= t), slope and arithmetic, the flat ends outside the knots; but one search serves all three
+        phases and any shape of ``t`` (every candidate offset at once)."""
+        x = np.asarray(t, dtype=float)
+        knots, cum = self.knots, self.cum
+        last = len(knots) - 1
+        j = np.searchsorted(knots, x, side="right") - 1
+        inner = np.clip(j, 0, last - 1)
+        out = self._slope[:, inner] * (x - knots[inner]) + cum[:, inner]
+        out = np.where(j < 0, cum[:, :1].reshape((3,) + (1,) * x.ndim), out)
+        return np.where(j >= last, cum[:, -1:].reshape((3,) + (1,) * x.ndim), out)
 
     def fractions(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-        """(n, 4) fractions of each window spent in prefill, decode, mixed, idle."""
+        """(..., 4) fractions of each window spent in prefill, decode, mixed, idle; windows of any shape."""
         width = np.maximum(end - start, 1e-9)
-        f = ((self.busy_before(end) - self.busy_before(start)) / width).T
+        f = np.moveaxis((self.busy_before(end) - self.busy_before(start)) / width, 0, -1)
         f = np.clip(f, 0.0, 1.0)
-        total = f.sum(axis=1)
+        total = f.sum(axis=-1)
         over = total > 1.0
         f[over] /= total[over, None]
-        return np.hstack([f, (1.0 - f.sum(axis=1))[:, None]])
+        return np.concatenate([f, (1.0 - f.sum(axis=-1))[..., None]], axis=-1)
 
     def phase_at(self, t: np.ndarray) -> np.ndarray:
         """Index of the busy phase running at each time (3 = idle)."""
@@ -210,22 +247,23 @@ class Attributor:
         """One pass over the horizon ending at ``now_ns`` (default: the last sample or step)."""
         cfg = self.config
         result = GpuAttribution(gpu=gpu, method=cfg.method)
-        steps = [s for s in steps if s.gpu_uuid == gpu.uuid]
-        samples = [s for s in samples if s.gpu_uuid == gpu.uuid]
+        uuid = gpu.uuid
         if now_ns is None:
-            ends = [s.t_ns for s in samples] + [s.t1_ns for s in steps]
+            ends = [s.t_ns for s in samples if s.gpu_uuid == uuid] + \
+                [s.t1_ns for s in steps if s.gpu_uuid == uuid]
             if not ends:
                 return result
             now_ns = max(ends)
         start_ns = now_ns - int(cfg.horizon_s * 1e9)
         result.updated_ns = now_ns
         # steps a little older than the horizon still overlap its first windows
-        margin_ns = int((cfg.offset_max_ms / 1e3 + 2.0) * 1e9)
-        steps = [s for s in steps if s.t1_ns >= start_ns - margin_ns and s.t0_ns <= now_ns]
-        samples = [s for s in samples if start_ns <= s.t_ns <= now_ns]
-        firsts = [s.t_ns for s in samples] + [max(s.t0_ns, start_ns) for s in steps]
-        self._time_shares(result, steps, min(firsts) if firsts else start_ns, now_ns)
-        self._efficiency(result, steps, spec)
+        lo_ns = start_ns - int((cfg.offset_max_ms / 1e3 + 2.0) * 1e9)
+        steps = [s for s in steps if s.gpu_uuid == uuid and s.t1_ns >= lo_ns and s.t0_ns <= now_ns]
+        samples = [s for s in samples if s.gpu_uuid == uuid and start_ns <= s.t_ns <= now_ns]
+        cols = _Steps.of(steps)
+        firsts = [s.t_ns for s in samples] + ([max(int(cols.t0_ns.min()), start_ns)] if steps else [])
+        self._time_shares(result, cols, min(firsts) if firsts else start_ns, now_ns)
+        self._efficiency(result, cols, spec)
 
         source = next((src for src in COUNTER_PREFERENCE if any(s.source == src for s in samples)), None)
         updates = sorted(
@@ -238,7 +276,7 @@ class Attributor:
             return result  # not enough data: phases stay empty
 
         t_ref = updates[0].t_ns
-        timeline = _Timeline.build(steps, t_ref)
+        timeline = _Timeline.build(cols, t_ref)
         t = np.array([(s.t_ns - t_ref) / 1e9 for s in updates])
         Y = np.array([[_nan(s.values.get(k)) for k in UNMIX_KEYS] for s in updates])
         period = _refresh_period(t)
@@ -268,29 +306,30 @@ class Attributor:
 
     # ---------------------------------------------------------------- parts
 
-    def _time_shares(self, result: GpuAttribution, steps: Sequence[StepRecord], start: int, end: int) -> None:
+    def _time_shares(self, result: GpuAttribution, steps: _Steps, start: int, end: int) -> None:
         span = max(end - start, 1)
-        busy = {p: 0.0 for p in BUSY}
-        for s in steps:
-            if s.phase in busy:
-                busy[s.phase] += max(0, min(s.t1_ns, end) - max(s.t0_ns, start))
+        # integer nanoseconds, summed exactly
+        inside = np.maximum(0, np.minimum(steps.t1_ns, end) - np.maximum(steps.t0_ns, start))
+        busy = {p: int(inside[steps.phase == i].sum()) for i, p in enumerate(BUSY)}
         total = sum(busy.values())
         for p in BUSY:
             result.time_share[p] = busy[p] / span
         result.time_share[Phase.IDLE] = max(0.0, 1.0 - total / span)
 
-    def _efficiency(self, result: GpuAttribution, steps: Sequence[StepRecord], spec: GpuSpec | None) -> None:
+    def _efficiency(self, result: GpuAttribution, steps: _Steps, spec: GpuSpec | None) -> None:
         """Exact MFU/MBU per phase: sum(flops) / sum(duration) / peak. Parked in ``result.phases`` for now."""
         if spec is None:
             return
-        for phase in BUSY:
-            mine = [s for s in steps if s.phase == phase]
-            seconds = sum(s.duration_s for s in mine)
+        duration = (steps.t1_ns - steps.t0_ns) / 1e9
+        for i, phase in enumerate(BUSY):
+            mine = steps.phase == i
+            # Python's sum over the step order, as a sum over the records
+            seconds = sum(duration[mine].tolist())
             if seconds <= 0:
                 continue
             pv = PhaseValues(time_share=result.time_share.get(phase, 0.0))
-            pv.mfu = sum(s.flops for s in mine) / seconds / spec.peak_bf16_flops
-            pv.mbu = sum(s.bytes for s in mine) / seconds / spec.peak_dram_bytes_per_s
+            pv.mfu = sum(steps.flops[mine].tolist()) / seconds / spec.peak_bf16_flops
+            pv.mbu = sum(steps.bytes[mine].tolist()) / seconds / spec.peak_dram_bytes_per_s
             result.phases[phase] = pv
 
     def _blended(self, result: GpuAttribution, samples: Sequence[SampleRecord],
@@ -322,7 +361,8 @@ class Attributor:
         align = [UNMIX_KEYS.index(k) for k in ALIGN_KEYS]
         cand = np.arange(cfg.offset_min_ms, cfg.offset_max_ms + 1e-9, cfg.offset_step_ms) / 1e3
         # fractions for every candidate offset: (k, n, 4)
-        Fs = np.stack([timeline.fractions(t - off - period, t - off) for off in cand])
+        ends = t[None, :] - cand[:, None]
+        Fs = timeline.fractions(ends - period, ends)
         chunk_of = np.floor((t - t[0]) / cfg.chunk_s).astype(int)
         n_chunks = int(chunk_of[-1]) + 1
         Ya = Y[:, align]
