@@ -21,6 +21,7 @@ Another script with an engine already built (with ``shim_jsonl_path`` set) calls
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Any
@@ -70,18 +71,25 @@ def decode_grid(quick: bool) -> list[tuple[int, int, int]]:
     return [(c, b, steps) for c in contexts for b in batches]
 
 
-def profile(engine: Any, quick: bool) -> int:
+def profile(engine: Any, quick: bool) -> tuple[int, int]:
     """Run the sweep on ``engine`` (an :class:`LLMEngine`, its shim writing the records, prefix caching off,
     ``max_num_batched_tokens`` at least the sweep's chunk: 8192, or 512 with ``quick``); returns the steps
-    run. The scheduler's token budget is changed for the mixed steps and restored at the end."""
+    run and the wall-clock ns at which its warm-up ended (steps ending before it are not the profile's).
+    The scheduler's token budget is changed for the mixed steps and restored at the end."""
     chunk = QUICK_CHUNK if quick else FULL_CHUNK
     budget = engine.scheduler.max_num_batched_tokens
     if budget < chunk:
         raise ValueError(f"the engine's max_num_batched_tokens is {budget}; the sweep needs {chunk}")
     rng = random.Random(0)
-    steps = _run(engine, [(64, 2)], "warm", rng)  # kernels compiled, allocator warm
     shapes = prefill_shapes(quick)
     grid = decode_grid(quick)
+    # warm-up, dropped from the profile by main(): every prefill shape once. On the H100 the first run of a
+    # small prefill shape took ~24 ms against ~12 ms after (lazily loaded GEMM kernels, allocator growth):
+    # 22 of 157 prefill steps, the first round's, were outliers of the fit (bench/RESULTS.md, 05:48)
+    steps = _run(engine, [(64, 2)], "warm", rng)
+    for i, shape in enumerate(shapes):
+        steps += _run(engine, [(n, 1) for n in shape], f"w{i}", rng)
+    warm_end_ns = time.time_ns()  # step() read its sampled ids back: the warm-up's GPU work is done
     for rnd in range(PREFILL_REPEATS):
         order = list(shapes)
         random.Random(1000 + rnd).shuffle(order)
@@ -99,7 +107,22 @@ def profile(engine: Any, quick: bool) -> int:
             steps += _run(engine, [(contexts[0], n_dec * 2)] * batch + [(longest, 2)], f"m{batch}", rng)
     finally:
         engine.scheduler.max_num_batched_tokens = budget
-    return steps
+    return steps, warm_end_ns
+
+
+def drop_warm_up(path: str, warm_end_ns: int) -> int:
+    """Remove the step records that ended before ``warm_end_ns`` from the trace at ``path``; returns how
+    many."""
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            if '"type":"step"' in line and json.loads(line)["t1_ns"] <= warm_end_ns:
+                dropped += 1
+            else:
+                kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return dropped
 
 
 @click.command()
@@ -120,14 +143,15 @@ def main(preset_name: str, device: str, out_path: str, quick: bool) -> None:
                                     max_num_seqs=128, shim_jsonl_path=out_path, shim_socket_path=None,
                                     enable_prefix_caching=False, num_kv_blocks=2048 if quick else None))
     started = time.monotonic()
-    ran = profile(engine, quick)
+    ran, warm_end_ns = profile(engine, quick)
     stepping = time.monotonic() - started
     engine.close()  # the shim's JSONL starts with its own meta record naming the GPU
+    warm = drop_warm_up(out_path, warm_end_ns)
     body = open(out_path).read()
     steps = sum(1 for line in body.splitlines() if '"type":"step"' in line)
     prefill = sum(1 for line in body.splitlines() if '"type":"step"' in line and '"phase":"prefill"' in line)
     click.echo(f"{steps} step records ({prefill} prefill) from {preset_name} on {name}: {ran} steps in "
-               f"{stepping:.0f} s of stepping -> {out_path}")
+               f"{stepping:.0f} s of stepping, the {warm} warm-up steps left out -> {out_path}")
 
 
 if __name__ == "__main__":
