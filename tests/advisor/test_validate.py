@@ -26,7 +26,7 @@ from phaselens.engine.loadgen import LengthDist
 from phaselens.gpus import gpu_spec
 from phaselens.trace import read_trace
 
-PROFILE = Path(__file__).parents[1] / "fixtures" / "advisor" / "steps_h100_8b_graphs.jsonl"
+PROFILE = Path(__file__).parents[1] / "fixtures" / "advisor" / "steps_h100_8b.jsonl"
 LONG = dict(prompt=LengthDist(4000.0, 0.1, 3500, 4500), output=LengthDist(300.0, 0.1, 250, 350),
             ttft_ms=1500.0, tpot_ms=20.0)
 SHORT = dict(prompt=LengthDist(200.0, 0.1, 150, 250), output=LengthDist(200.0, 0.1, 150, 250),
