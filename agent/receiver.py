@@ -47,9 +47,10 @@ _ROLES = {r.value: r for r in Role}
 _PHASES = {p.value: p for p in Phase}
 _CLOCKS = {c.value: c for c in Clock}
 _MAX_ID_LEN = 128  # phaselens.trace's bound on gpu_uuid and engine_id
-#: records a wait between batches aims to let gather in the kernel's queue: under a third of Linux's default
-#: net.unix.max_dgram_qlen (10), so a burst of one record per GPU of an 8-GPU engine still fits beside them
-_GATHER = 2.5
+#: records a wait between batches aims to let gather in the kernel's queue: with a burst of one record per GPU
+#: on top (waits happen below _BATCH_BELOW_PER_S: a GPU or two), well under Linux's default
+#: net.unix.max_dgram_qlen (10)
+_GATHER = 4.0
 #: the first wait after the senders paused (it doubles from there)
 _MIN_WAIT_S = 0.001
 #: above this many records a second (two GPUs at ~100 steps/s) records arrive in bursts and are not waited for
@@ -99,7 +100,7 @@ class PhaseReceiver:
     ``known_gpus``: UUIDs this agent watches; ``None`` accepts any (it learns them from records).
     ``on_step``/``on_meta`` are called for each accepted record (the recorder uses them).
     ``batch_delay_s``: the longest records may gather in the kernel's queue between batches (module
-    docstring); at ~80 steps/s the wait is ~30 ms (about _GATHER records).
+    docstring); at ~80 steps/s the wait is this 50 ms (four records a batch).
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], state: AgentState, timeline: Timeline, *,
@@ -190,8 +191,8 @@ class PhaseReceiver:
                 continue
             # At a low rate (a GPU or two: records arrive one by one), let the next ones gather in the
             # kernel's queue: one wake-up per few records rather than per record. At the rate these came in,
-            # about _GATHER records arrive meanwhile, well inside the queue (max_dgram_qlen, 10 by default)
-            # with a burst of one record per GPU on top. The wait at most doubles from one batch to the next,
+            # about _GATHER records arrive meanwhile, inside the queue (max_dgram_qlen, 10 by default) with a
+            # burst of one record per GPU on top. The wait at most doubles from one batch to the next,
             # so traffic that starts suddenly is caught within a few ms. At higher rates records come in
             # bursts that one wake-up drains anyway; no wait, so the queue never fills.
             rate = n / max(now - last, 1e-6)

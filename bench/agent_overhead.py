@@ -570,6 +570,7 @@ def main(seconds: float, warmup_s: float, sampler: str | None, steps_per_s: floa
         if engine_preset:
             import torch
 
+            del run_for  # the workload's tensors go with it
             torch.cuda.empty_cache()
             c2, w2 = cpu_seconds(agent.pid), time.monotonic()
             ab_text, ab = engine_ab(engine_preset, sock_path, rounds, n_requests)
