@@ -227,6 +227,35 @@ class WallClockNvml:
 
 # ---------------------------------------------------------------- the agent process
 
+#: the NVML calls the GPM and NVML samplers make, timed in the agent process (what the driver costs)
+NVML_CALLS = ("nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlDeviceGetUtilizationRates",
+              "nvmlDeviceGetPowerUsage", "nvmlDeviceGetClockInfo", "nvmlDeviceGetMemoryInfo",
+              "nvmlDeviceGetSamples")
+
+
+class CallTimer:
+    """Wraps the NVML functions the samplers call (on the pynvml module or the fake) and adds up, per
+    function, calls, CPU time of the calling thread and wall time."""
+
+    def __init__(self, nvml: Any):
+        self.stats: dict[str, list[int]] = {}
+        for name in NVML_CALLS:
+            fn = getattr(nvml, name, None)
+            if fn is not None:
+                setattr(nvml, name, self._timed(name, fn))
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                return fn(*args)
+            finally:
+                row = self.stats.setdefault(name, [0, 0, 0])
+                row[0] += 1
+                row[1] += time.thread_time_ns() - c0
+                row[2] += time.perf_counter_ns() - w0
+        return call
+
 
 def serve_agent(sampler: str, gpus: int, socket_path: str, port: int, threads_out: str,
                 profile_out: str | None) -> None:
@@ -238,6 +267,11 @@ def serve_agent(sampler: str, gpus: int, socket_path: str, port: int, threads_ou
     from phaselens.agent.daemon import AgentConfig, build_daemon, make_http_server
 
     fake = WallClockNvml(gpus) if sampler == "fake-gpm" else None
+    timer = None
+    if sampler != "simulated":
+        from phaselens.agent.samplers.nvml_common import load_nvml
+
+        timer = CallTimer(load_nvml(fake))
     cfg = AgentConfig(source="simulated" if sampler == "simulated" else "gpm", socket_path=socket_path,
                       listen_address="127.0.0.1", port=port, simulated_gpus=gpus)
     daemon = build_daemon(cfg, nvml=fake)
@@ -261,6 +295,8 @@ def serve_agent(sampler: str, gpus: int, socket_path: str, port: int, threads_ou
         # the parent starts its measured window: name the threads (for its per-thread CPU) and profile
         names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
         Path(threads_out).write_text(json.dumps(names))
+        if timer is not None:
+            timer.stats.clear()
         if profile_out:
             profiling.set()
 
@@ -277,6 +313,8 @@ def serve_agent(sampler: str, gpus: int, socket_path: str, port: int, threads_ou
         daemon.run()  # closes the daemon (joins the receiver thread) when stopped
     finally:
         server.shutdown()
+    if timer is not None:
+        Path(threads_out).with_name("nvml.json").write_text(json.dumps(timer.stats))
     if profile_out and profilers:
         mine = profilers.pop(threading.get_ident(), None)  # the loop's; the receiver's thread has ended
         if mine is not None:
@@ -615,6 +653,16 @@ def main(seconds: float, warmup_s: float, sampler: str | None, steps_per_s: floa
         f"{k} {v:.2f}" for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1]))
     text += "\nsamplers' last poll (/health): " + ", ".join(
         f"{k} {1e6 * v['duration_s']:.0f} us" for k, v in sorted(health.get("samplers", {}).items()))
+    try:  # written when the agent stopped: the measured window plus the few seconds after it
+        nvml_calls = json.loads(Path(names_path).with_name("nvml.json").read_text())
+    except (OSError, ValueError):
+        nvml_calls = {}
+    if nvml_calls:
+        span = max(time.monotonic() - w0, 1e-9)
+        text += "\nNVML calls (measured window to the agent's stop; per call CPU/wall): " + ", ".join(
+            f"{k} {n / span:.1f}/s {cpu / n / 1e3:.0f}/{wall / n / 1e3:.0f} us "
+            f"= {100 * cpu / 1e9 / span:.2f}%"
+            for k, (n, cpu, wall) in sorted(nvml_calls.items(), key=lambda kv: -kv[1][1]))
     print(text)
     top = ""
     if prof_path:
@@ -634,7 +682,8 @@ def main(seconds: float, warmup_s: float, sampler: str | None, steps_per_s: floa
                "records_parked": sender.parked,
                "health": health.get("status"), "shim_received": health.get("shim_received"),
                "shim_rejected": health.get("shim_rejected"), "tensor_active_by_phase": tensor,
-               "published_series": len(lines), "cpu_percent_by_thread": by_thread, "engine_ab": ab or None,
+               "published_series": len(lines), "cpu_percent_by_thread": by_thread,
+               "nvml_calls_count_cpu_ns_wall_ns": nvml_calls, "engine_ab": ab or None,
                "profile_top20": top or None,
                "argv": sys.argv[1:]}
         json_out.parent.mkdir(parents=True, exist_ok=True)
