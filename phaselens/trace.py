@@ -250,7 +250,12 @@ def parse_line(line: str | bytes) -> Record | None:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TraceFormatError(f"not valid JSON: {exc}") from None
-    return parse_record(obj)
+    except RecursionError:  # '[[[[...' thousands deep: json recurses per level
+        raise TraceFormatError("not valid JSON: nested too deeply") from None
+    try:
+        return parse_record(obj)
+    except OverflowError:  # an integer too large for a float (t_ns, flops, ...)
+        raise TraceFormatError("a number is out of range") from None
 
 
 # ---------------------------------------------------------------- serializing

@@ -55,6 +55,8 @@ def test_unknown_types_and_keys_are_ignored() -> None:
     (DESIGN_EXAMPLE[1].replace('"batch":1', '"batch":true'), "'batch' has type bool"),
     (DESIGN_EXAMPLE[2].replace('0.96', '"x"'), "finite number or null"),
     (DESIGN_EXAMPLE[2].replace('"gpm"', '"smoke"'), "unknown source"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    (DESIGN_EXAMPLE[1].replace('"flops":3.3e13', '"flops":' + "9" * 400), "out of range|finite number"),
 ])
 def test_malformed_records_raise_with_reason(line: str, needle: str) -> None:
     with pytest.raises(TraceFormatError, match=needle):
