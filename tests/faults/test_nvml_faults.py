@@ -64,6 +64,10 @@ def test_random_nvml_errors_never_stop_the_agent_and_every_one_is_counted(seed: 
             healthy.unsupported.add(fake.NVML_GPM_METRIC_FP16_UTIL)  # GPM FP16 starts answering NotSupported
         for sch in daemon.samplers:
             sch.next_ns = 0  # every sampler polls every tick: the test counts polls, not time
+            # ... and every GPU in it: the GPM sampler plans each GPU on its own refresh phase, read from the
+            # real clock, so with this fake tick time it would skip GPUs at random (and a lost GPU it did not
+            # poll would count as a faulty poll here but not in the agent)
+            getattr(sch.sampler, "_due", {}).clear()
         daemon.tick(now)  # must not raise, whatever NVML does
         now += 10_000_000
     assert fake.timeouts > 10  # the faults really happened
