@@ -111,8 +111,9 @@ class AgentDaemon:
             t0 = time.perf_counter()
             try:
                 got = sampler.sample()
-                error = getattr(sampler, "last_error", "") or "; ".join(
-                    f"{g.uuid}: {g.last_error}" for g in getattr(sampler, "failed", []))
+                # a lost GPU stays named while a transient error of another GPU comes and goes
+                error = "; ".join([e for e in [getattr(sampler, "last_error", "")] if e] + [
+                    f"{g.uuid}: {g.last_error}" for g in getattr(sampler, "failed", [])])
             except Exception as exc:  # noqa: BLE001 - a sampler bug must not stop the agent; it is reported
                 log.exception("sampler %s failed", sampler.name)
                 got, error = [], f"{type(exc).__name__}: {exc}"

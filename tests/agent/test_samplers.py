@@ -97,7 +97,7 @@ def test_two_gpus_reordered_by_cuda_visible_devices_matched_by_uuid(monkeypatch:
 def test_nvml_reads_every_field() -> None:
     gpu = FakeGpu("GPU-a", util_samples=[(10, 50), (20, 60)])
     clock = Clock_()
-    s = NvmlSampler(nvml=FakeNvml([gpu]), clock=clock)
+    s = NvmlSampler(nvml=FakeNvml([gpu]), clock=clock, buffer_interval_ns=0)
     first = s.sample()
     assert len(first) == 1  # the first buffer read only sets the mark
     assert first[0].values == pytest.approx({"gpu_util": 0.87, "mem_util": 0.41, "power_w": 612.0,
@@ -106,6 +106,21 @@ def test_nvml_reads_every_field() -> None:
     got = s.sample()
     buffered = [r for r in got if r.t_ns == 30_000]
     assert len(got) == 2 and buffered and buffered[0].values == {"gpu_util": 0.7}
+
+
+def test_nvml_reads_the_timestamped_buffer_every_interval_and_loses_no_sample() -> None:
+    gpu = FakeGpu("GPU-a", util_samples=[(10, 50)])
+    clock = Clock_()
+    s = NvmlSampler(nvml=FakeNvml([gpu]), clock=clock, buffer_interval_ns=5_000_000_000)
+    s.sample()  # sets the mark
+    seen, counts = [], []
+    for k in range(1, 11):  # ten polls a second apart, a new driver sample before each
+        gpu.util_samples.append((10 + k * 1_000_000, 50 + k))
+        clock.t += 1_000_000_000
+        seen += [r for r in s.sample() if "power_w" not in r.values]
+        counts.append(len(seen))
+    assert counts == [0, 0, 0, 0, 5, 5, 5, 5, 5, 10]  # read at 5 s and 10 s, not every poll
+    assert [r.t_ns for r in seen] == [(10 + k * 1_000_000) * 1000 for k in range(1, 11)]  # none lost
 
 
 def test_nvml_not_supported_field_skipped_and_lost_gpu_marked(caplog: pytest.LogCaptureFixture) -> None:
