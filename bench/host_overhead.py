@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import cProfile
 import json
-import multiprocessing as mp
 import os
 import platform
 import pstats
 import random
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,29 +39,11 @@ from typing import Any, Callable
 
 import click
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shim_overhead import Listener, make_shim  # noqa: E402  (the same listener process and shims)
+
 MODES = ("disabled", "nobody", "listener")
 STAGES = ("schedule", "prepare", "shim_begin", "model_stub", "shim_end", "update", "outputs", "other")
-
-
-def _drain(path: str, ready: Any, stop: Any, result: Any) -> None:  # multiprocessing Event, Event, Queue
-    """The agent's stand-in: read datagrams until told to stop, count them and the unparsable ones."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.05)
-    ready.set()
-    count = bad = 0
-    while not stop.is_set():
-        try:
-            data = sock.recv(65536)
-        except socket.timeout:
-            continue
-        try:
-            json.loads(data)
-            count += 1
-        except ValueError:
-            bad += 1
-    sock.close()
-    result.put((count, bad))
 
 
 class _Timers:
@@ -102,16 +81,6 @@ def _stub_model(engine: Any, vocab: int, seed: int) -> None:
         return pool[i:i + n]
 
     engine.worker.runner.run = run
-
-
-def _make_shims(engine: Any, listen: str, nobody: str) -> dict[str, Any]:
-    from phaselens.serving_shim.shim import PhaseShim
-
-    w, c = engine.worker, engine.config
-    return {mode: PhaseShim(engine.model_config, gpu_uuid=c.gpu_uuid, engine_id="host-bench", role=c.role,
-                            device=w.device, dtype_bytes=w.dtype_bytes,
-                            socket_path=listen if mode == "listener" else nobody, enabled=mode != "disabled")
-            for mode in MODES}
 
 
 def _sync(engine: Any) -> None:
@@ -248,14 +217,8 @@ def main(device: str, batches: str, context: int, steps: int, warmup: int, seed:
                                  param_hint="'--batches'") from None
     if device == "cpu":
         torch.set_num_threads(1)  # as the engine does for small models (engine/worker.py)
-    tmp = tempfile.mkdtemp(prefix="pls-host-")
-    listen, nobody = os.path.join(tmp, "agent.sock"), os.path.join(tmp, "nobody.sock")
-    ctx = mp.get_context("spawn")
-    ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
-    listener = ctx.Process(target=_drain, args=(listen, ready, stop, result), daemon=True)
-    listener.start()
-    if not ready.wait(30):
-        raise click.ClickException("the listener process did not start")
+    listener = Listener("pls-host-")
+    tmp = listener.tmp
 
     # a pass's every step, plus the decodes run while later prompts prefill: none finishes while measured
     per_seq = context + len(MODES) * (warmup + steps) + -(-max(sizes) * context // 2048) + 8
@@ -268,7 +231,7 @@ def main(device: str, batches: str, context: int, steps: int, warmup: int, seed:
                                     num_kv_blocks=max(sizes) * -(-per_seq // bs) + 8, max_model_len=2048,
                                     shim_enabled=False, seed=seed))
     _stub_model(engine, engine.model_config.vocab_size, seed)
-    shims = _make_shims(engine, listen, nobody)
+    shims = {mode: make_shim(engine, mode, listener, engine_id="host-bench") for mode in MODES}
     results = []
     for b in sizes:
         prof_path = os.path.join(tmp, f"b{b}.prof") if b == cprofile_batch else None
@@ -282,9 +245,8 @@ def main(device: str, batches: str, context: int, steps: int, warmup: int, seed:
     dropped = {m: s.stats.dropped for m, s in shims.items()}
     for s in shims.values():
         s.close()
-    stop.set()
-    received, bad = result.get(timeout=30)
-    listener.join(timeout=10)
+    got = listener.close()
+    received, bad = got["received"], got["bad"]
     engine.close()
 
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"

@@ -84,13 +84,38 @@ def _workload(n: int, prompt_len: tuple[int, int], max_tokens: int, vocab: int, 
     return [[rng.randrange(min(vocab, 256)) for _ in range(rng.randint(*prompt_len))] for _ in range(n)]
 
 
-def _make_shim(engine, mode: str, listen_path: str, nobody_path: str):
+class Listener:
+    """The agent's stand-in: :func:`_listen` in a process of its own (spawned), bound at ``path``; nobody
+    listens at ``nobody_path``. bench/host_overhead.py uses it too."""
+
+    def __init__(self, prefix: str) -> None:
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.path = os.path.join(self.tmp, "agent.sock")
+        self.nobody_path = os.path.join(self.tmp, "nobody.sock")
+        ctx = mp.get_context("spawn")
+        ready, self._stop, self._result = ctx.Event(), ctx.Event(), ctx.Queue()
+        self._process = ctx.Process(target=_listen, args=(self.path, ready, self._stop, self._result),
+                                    daemon=True)
+        self._process.start()
+        if not ready.wait(30):
+            raise click.ClickException("the listener process did not start")
+
+    def close(self) -> dict:
+        """Stop it; what it received: ``received``, ``bad`` and this engine's ``durations_ms`` by phase."""
+        self._stop.set()
+        got = self._result.get(timeout=30)
+        self._process.join(timeout=10)
+        return got
+
+
+def make_shim(engine, mode: str, listener: Listener, engine_id: str = ENGINE_ID):
+    """A shim of ``engine`` in one of :data:`MODES`: sending to the listener, to nobody, or disabled."""
     from phaselens.serving_shim.shim import PhaseShim
 
     w, c = engine.worker, engine.config
-    return PhaseShim(engine.model_config, gpu_uuid=c.gpu_uuid, engine_id=ENGINE_ID, role=c.role,
+    return PhaseShim(engine.model_config, gpu_uuid=c.gpu_uuid, engine_id=engine_id, role=c.role,
                      device=w.device, dtype_bytes=w.dtype_bytes,
-                     socket_path=listen_path if mode == "listener" else nobody_path,
+                     socket_path=listener.path if mode == "listener" else listener.nobody_path,
                      enabled=mode != "disabled")
 
 
@@ -213,14 +238,7 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
                                  param_hint="--prompt-len") from None
     from phaselens.engine.llm_engine import EngineConfig, LLMEngine
 
-    tmp = tempfile.mkdtemp(prefix="pls-bench-")
-    listen_path, nobody_path = os.path.join(tmp, "agent.sock"), os.path.join(tmp, "nobody.sock")
-    ctx = mp.get_context("spawn")
-    ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
-    listener = ctx.Process(target=_listen, args=(listen_path, ready, stop, result), daemon=True)
-    listener.start()
-    if not ready.wait(30):
-        raise click.ClickException("the listener process did not start")
+    listener = Listener("pls-bench-")
 
     try:
         engine = LLMEngine(EngineConfig(model=preset, device=device,
@@ -230,7 +248,7 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     prompts = _workload(n_requests, (lo, hi), max_tokens, engine.model_config.vocab_size, seed=0)
-    shims = {mode: _make_shim(engine, mode, listen_path, nobody_path) for mode in MODES}
+    shims = {mode: make_shim(engine, mode, listener) for mode in MODES}
     steps: list[StepTime] = []
     for g in range(rounds + 1):
         for offset in range(3):
@@ -245,11 +263,9 @@ def main(preset: str, device: str, rounds: int, n_requests: int, prompt_len: str
         shim.close()
         stats[mode] = shim.stats
 
-    shim_us = _shim_calls_us(engine.model_config, device, engine.worker.dtype_bytes, listen_path, nobody_path,
-                             shim_iters, batch=64)
-    stop.set()
-    got = result.get(timeout=30)
-    listener.join(timeout=10)
+    shim_us = _shim_calls_us(engine.model_config, device, engine.worker.dtype_bytes, listener.path,
+                             listener.nobody_path, shim_iters, batch=64)
+    got = listener.close()
 
     by_key = {(st.group, st.index, st.mode): st for st in steps}
     phases = [p for p in ("prefill", "mixed", "decode") if any(st.phase == p for st in steps)]
