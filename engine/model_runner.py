@@ -156,7 +156,7 @@ class ModelRunner:
         for i, s in enumerate(sched):
             c, n = s.context_len, s.num_tokens
             tokens += s.seq.token_ids[c:c + n]
-            if c + n == len(s.seq):  # ScheduledSeq.samples: the step reaches the sequence's end
+            if s.samples:
                 sample_index.append(i)
                 sample_rows.append(len(tokens) - 1)
         rows, width = self._tables.rows_for([s.seq for s in sched])
@@ -196,8 +196,7 @@ class ModelRunner:
         seqs = [s.seq for s in sched]
         pos = [s.context_len for s in sched]
         ids = [q.token_ids[c] for q, c in zip(seqs, pos)]
-        # ScheduledSeq.samples: the step reaches the sequence's end (a decode always does)
-        sample_index = [i for i, (q, c) in enumerate(zip(seqs, pos)) if c + 1 == len(q)]
+        sample_index = [i for i, s in enumerate(sched) if s.samples]
         # cache slot of each new token: its block * block_size + its offset in the block
         slots = [q.block_table[c // bs] * bs + c % bs for q, c in zip(seqs, pos)]
         rows, width = self._tables.rows_for(seqs)
