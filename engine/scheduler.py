@@ -158,9 +158,7 @@ class Scheduler:
                 under_way.append(seq)
             # the next token's slot is in the last block (15 steps of 16 at block size 16): no allocation
             elif seq.num_computed_tokens < len(seq.block_table) * bs or make_room(seq, 1):
-                scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, False))  # take(seq, 1)
-                in_step.add(seq)
-                budget -= 1
+                take(seq, 1)
         # 2. prefills under way
         for seq in under_way:
             if budget == 0:
@@ -199,12 +197,9 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are in the cache; register completed blocks."""
-        bm = self.block_manager
-        bs = bm.block_size
         for s in out.scheduled:
             seq = s.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted since it was scheduled
                 continue
             seq.num_computed_tokens += s.num_tokens
-            if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:  # a block was filled
-                bm.register_full_blocks(seq)
+            self.block_manager.register_full_blocks(seq)  # nothing to do unless a block filled
