@@ -157,8 +157,12 @@ def load_run(url: str, model: str, wl: Workload, rate: float, n: int, seed: int)
     return summary
 
 
-def _requests_for(rate: float, run_s: float, lo: int = 40, hi: int = 1500) -> int:
-    return int(min(hi, max(lo, round(rate * run_s))))
+def _requests_for(rate: float, run_s: float) -> int:
+    """Requests of a load run with ``run_s`` seconds of arrivals, within the bounds the advisor's
+    ``--run-seconds`` simulation uses too (so prediction and measurement run the same experiment)."""
+    from phaselens.advisor.search import RUN_MAX_REQUESTS, RUN_MIN_REQUESTS
+
+    return int(min(RUN_MAX_REQUESTS, max(RUN_MIN_REQUESTS, round(rate * run_s))))
 
 
 def find_goodput(url: str, model: str, wl: Workload, guess: float, run_s: float, max_runs: int, seed: int,
@@ -218,18 +222,13 @@ def predict(preset: str, profile: Path, request_log: Path, wl: Workload, link_by
 
 
 def predicted_goodput(advice: dict[str, Any]) -> dict[str, Any]:
-    """Predicted goodput (req/s, all GPUs) of colocated and split 1:1 from the advisor's JSON."""
-    fin = advice.get("finalists", {})
-
-    def rps(c: dict[str, Any] | None) -> float | None:
-        if not c:
-            return None
-        v = c.get("sim_goodput_rps")
-        return float(v) if v is not None else c.get("screen_goodput_rps")
-
-    return {"colocated": rps(fin.get("colocated")), "split": rps(fin.get("split")),
-            "colocated_label": (fin.get("colocated") or {}).get("label"),
-            "split_label": (fin.get("split") or {}).get("label"), "verdict": advice.get("verdict")}
+    """Predicted goodput (req/s, all GPUs) of colocated and split 1:1, their labels and the verdict, from the
+    advisor's JSON."""
+    fin = advice["finalists"]
+    rps = advice["predicted_goodput_rps"]
+    return {"colocated": rps["colocated"], "split": rps["split"],
+            "colocated_label": (fin["colocated"] or {}).get("label"),
+            "split_label": (fin["split"] or {}).get("label"), "verdict": advice["verdict"]}
 
 
 @click.command()
