@@ -33,8 +33,11 @@ GPM_FIELDS = {
 #: the metric whose NaN marks a poll that saw no refresh
 _UPDATE_MARKER = "dram_active"
 #: cadence-locked polling (next_due_ns): poll this early before an expected refresh, retry this often
-_EARLY_NS = 2_000_000
+_EARLY_NS = 250_000
 _RETRY_NS = 4_000_000
+#: a refresh seen by a poll at most this long after the GPU's previous poll is "pinned": it happened within
+#: that time before it was seen (polls of the 10 ms start-up grid, retries)
+_PINNED_NS = 10_000_000
 
 
 class GpmSampler:
@@ -62,8 +65,11 @@ class GpmSampler:
         #: per GPU: the request struct, reused (ctypes allocation per poll costs more than the call) and the
         #: metric keys it was built for
         self._requests: dict[str, tuple[tuple[str, ...], Any]] = {}
-        #: per GPU: times of the last refreshes seen, for :meth:`next_due_ns`
+        #: per GPU: times of the last refreshes seen; of the last pinned ones (seen soon after the previous
+        #: poll), with how soon; when it was last polled (for :meth:`next_due_ns`)
         self._updates: dict[str, deque[int]] = {}
+        self._pinned: dict[str, deque[tuple[int, int]]] = {}
+        self._last_poll: dict[str, int | None] = {}
         #: per GPU: when it is due (planned by :meth:`next_due_ns`), the earliest of those (what the caller
         #: was told; 0 until planned: every call polls every GPU), and the GPUs the last call polled. Each GPU
         #: refreshes on its own phase: polling every GPU whenever one is due would poll each of N GPUs about
@@ -86,6 +92,8 @@ class GpmSampler:
             self._current[gpu.uuid] = 0
             self._primed[gpu.uuid] = False
             self._updates[gpu.uuid] = deque(maxlen=9)
+            self._pinned[gpu.uuid] = deque(maxlen=16)
+            self._last_poll[gpu.uuid] = None
         #: the last poll's transient error (a timeout, ...), "" when every live GPU answered
         self.last_error = ""
         self._ids = {key: getattr(self.nvml, const) for key, const in GPM_FIELDS.items()
@@ -129,6 +137,7 @@ class GpmSampler:
             return None
         t = (t0 + self.clock()) // 2
         self._current[gpu.uuid] = nxt
+        previous_poll, self._last_poll[gpu.uuid] = self._last_poll[gpu.uuid], t
         if not self._primed[gpu.uuid]:
             self._primed[gpu.uuid] = True  # the first sample only starts the first delta
             return None
@@ -170,13 +179,21 @@ class GpmSampler:
         ratios = {k: (None if math.isnan(v) else min(1.0, max(0.0, v / 100.0))) for k, v in values.items()
                   if v is not None}
         self._updates[gpu.uuid].append(t)
+        if previous_poll is not None and t - previous_poll <= _PINNED_NS:
+            self._pinned[gpu.uuid].append((t, t - previous_poll))
         return SampleRecord(gpu_uuid=gpu.uuid, source=self.name, t_ns=t, values=ratios)
 
     def next_due_ns(self, now_ns: int, interval_ns: int) -> int:
         """When to poll next. GPM refreshes on a steady cadence (~100 ms, +-1 ms on the H100), so once the
-        cadence is known the sampler sleeps until just before the next expected refresh (2 ms early) and,
-        if that poll finds no refresh yet, polls again every ``min(interval, 4 ms)`` until it does: about one
-        poll per refresh, each seen within a few ms (a constant delay the attribution's offset absorbs).
+        cadence is known the sampler sleeps until just before the next expected refresh and, if that poll
+        finds no refresh yet, polls again every ``min(interval, 4 ms)`` until it does: about one poll per
+        refresh, each seen within a few ms (a slowly varying delay the attribution's offset absorbs).
+
+        The expected refresh is the last seen one plus the period, a little early. A poll sees a refresh
+        some time after it happened, so each planned poll comes closer to its refresh until one comes before
+        it; the retry sees it within 4 ms and the cycle starts again: one extra poll every ~16 refreshes
+        (2 ms early gave one every other refresh: 1.43 polls per refresh on the H100, issue 12). "A little"
+        is 0.25 ms plus the period's uncertainty (:func:`_period`), so the plan never runs late.
 
         Planned per GPU (each has its own refresh phase); the next :meth:`sample` polls only the GPUs due by
         the time returned, and a GPU the last call did not poll keeps its plan (if that is already past, it is
@@ -191,8 +208,8 @@ class GpmSampler:
                 if not seen or len(seen) < 4:
                     due = now_ns + interval_ns
                 else:
-                    period = statistics.median(b - a for a, b in zip(seen, list(seen)[1:]))
-                    due = int(seen[-1] + period - _EARLY_NS)
+                    period, error = _period(seen, self._pinned[gpu.uuid])
+                    due = int(seen[-1] + period - error - _EARLY_NS)
                     if due <= now_ns:
                         due = now_ns + min(interval_ns, _RETRY_NS)
                 self._due[gpu.uuid] = due
@@ -212,3 +229,20 @@ class GpmSampler:
             self.nvml.nvmlShutdown()
         except self.nvml.NVMLError as exc:
             log.debug("nvmlShutdown: %s", exc)
+
+
+def _period(seen: deque[int], pinned: deque[tuple[int, int]]) -> tuple[float, float]:
+    """(refresh period, its uncertainty) in ns.
+
+    The median gap between seen refreshes is a first guess, but the planned polls shape those gaps (each
+    comes 0.25 ms early), and a period taken from them would follow the plan, not the GPU. Pinned refreshes
+    (seen within ``w`` ns of the previous poll, so they happened in those ``w`` ns) do not depend on the
+    plan: the span between the oldest and newest of them, over the whole number of periods in it, is the
+    period to within max(w) / periods."""
+    guess = statistics.median(b - a for a, b in zip(seen, list(seen)[1:]))
+    if len(pinned) >= 2 and guess > 0:
+        (t_a, w_a), (t_b, w_b) = pinned[0], pinned[-1]
+        periods = round((t_b - t_a) / guess)
+        if periods >= 1:
+            return (t_b - t_a) / periods, max(w_a, w_b) / periods
+    return guess, 0.1 * guess
