@@ -111,8 +111,10 @@ def _stop_on_signals(stop: Any) -> None:
 @_common
 @click.option("--method", type=click.Choice(["unmix", "naive"]), default="unmix", show_default=True,
               envvar="PHASELENS_METHOD", help="Attribution method.")
-@click.option("--attribute-interval-s", type=click.FloatRange(0.1, 600.0), default=5.0, show_default=True,
-              envvar="PHASELENS_ATTRIBUTE_INTERVAL_S", help="How often the attribution is recomputed.")
+@click.option("--attribute-interval-s", type=click.FloatRange(0.1, 600.0), default=15.0, show_default=True,
+              envvar="PHASELENS_ATTRIBUTE_INTERVAL_S",
+              help="How often the attribution is recomputed (default: the PodMonitor's scrape interval; more "
+                   "often only computes results no scrape reads).")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, envvar="PHASELENS_LISTEN_ADDRESS")
 @click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True,
               envvar="PHASELENS_PORT",

@@ -6,15 +6,17 @@ GPU (a UUID this agent watches), time range (not far in the past or future, not 
 token bucket), and every rejection is counted by reason in :class:`AgentState` and logged at most once a
 minute per reason. Nothing a sender does can crash the receiver or grow its memory: the timeline is bounded.
 
-Records are handled in batches while they come slowly. At ~80 steps/s per GPU nearly every record used
-to arrive alone, and one record validated right after a wake-up, with the interpreter's caches cold, cost
-70 us on our CPU machine against 22 us for a second one on the same wake-up (bench/agent_overhead.py, issue
-12). So after draining the socket the thread lets the next few records gather in the kernel's queue before
-it looks again (see ``_run``); the daemon drains the socket itself (:meth:`flush`) before it attributes and
-before each poll of a sampler that reads the steps, so neither sees a step late. The kernel queues only
-``net.unix.max_dgram_qlen`` datagrams (10 by default): the wait aims at a few records, is skipped at higher
-rates, and a full queue parks records in the shim's backlog, retried on its next step
-(serving_shim/emitter.py): delayed, not lost.
+Records are received as they come and validated in batches. Right after a wake-up, with the interpreter's
+caches cold and the core just out of idle, validating a record cost 55-70 us on our CPU machine against
+10-12 us in a run of them, and receiving it (one recv) 16 us against 1 us (bench/agent_overhead.py, issue
+12). So the thread (``_run``) lets a few records gather in the kernel's queue before it drains it, and keeps
+what it drained until it has ``_HANDLE_BATCH`` records or ``handle_interval_s`` has passed, then validates
+them all in one run: at ~60 steps/s per GPU, ~30 records twice a second. The daemon drains and validates
+everything itself (:meth:`flush`) before it attributes and before each poll of a sampler that reads the
+steps, so neither sees a step late; the /metrics counters lag by at most ``handle_interval_s``. The kernel
+queues only ``net.unix.max_dgram_qlen`` datagrams (10 by default): the wait before a drain is sized to the
+rate and the number of GPUs sending so that about six are queued, and a full queue parks records in the
+shim's backlog, retried on its next step (serving_shim/emitter.py): delayed, not lost.
 """
 
 from __future__ import annotations
@@ -47,14 +49,13 @@ _ROLES = {r.value: r for r in Role}
 _PHASES = {p.value: p for p in Phase}
 _CLOCKS = {c.value: c for c in Clock}
 _MAX_ID_LEN = 128  # phaselens.trace's bound on gpu_uuid and engine_id
-#: records a wait between batches aims to let gather in the kernel's queue: with a burst of one record per GPU
-#: on top (waits happen below _BATCH_BELOW_PER_S: a GPU or two), well under Linux's default
+#: records a batch aims to hold when the socket is drained: the burst that woke the receiver (one record per
+#: GPU), those that gathered while it waited, and a burst arriving meanwhile stay under Linux's default
 #: net.unix.max_dgram_qlen (10)
-_GATHER = 4.0
-#: the first wait after the senders paused (it doubles from there)
-_MIN_WAIT_S = 0.001
-#: above this many records a second (two GPUs at ~100 steps/s) records arrive in bursts and are not waited for
-_BATCH_BELOW_PER_S = 200.0
+_BATCH_TARGET = 6.0
+#: received records are validated once this many are waiting (or handle_interval_s after the first): a bound
+#: on what waits in memory, whatever the rate
+_HANDLE_BATCH = 256
 
 
 def fast_step(obj: Any) -> StepRecord | None:
@@ -99,8 +100,9 @@ class PhaseReceiver:
 
     ``known_gpus``: UUIDs this agent watches; ``None`` accepts any (it learns them from records).
     ``on_step``/``on_meta`` are called for each accepted record (the recorder uses them).
-    ``batch_delay_s``: the longest records may gather in the kernel's queue between batches (module
-    docstring); at ~80 steps/s the wait is this 50 ms (four records a batch).
+    ``batch_delay_s``: the longest records may gather in the kernel's queue before it is drained (module
+    docstring); one GPU at 60 steps/s waits ~70 ms (six records a drain). ``handle_interval_s``: the longest
+    a drained record waits to be validated.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], state: AgentState, timeline: Timeline, *,
@@ -109,7 +111,7 @@ class PhaseReceiver:
                  max_step_s: float = 600.0, clock: Callable[[], int] = time.time_ns,
                  on_step: Callable[[StepRecord], None] | None = None,
                  on_meta: Callable[[MetaRecord], None] | None = None,
-                 batch_delay_s: float = 0.05):
+                 batch_delay_s: float = 0.1, handle_interval_s: float = 0.5):
         self.socket_path = Path(socket_path)
         self.state, self.timeline = state, timeline
         self.known_gpus = known_gpus
@@ -127,6 +129,10 @@ class PhaseReceiver:
         self._stop = threading.Event()
         self.metas: dict[str, MetaRecord] = {}
         self.batch_delay_s = batch_delay_s
+        self.handle_interval_s = handle_interval_s
+        #: drained, not yet validated (at most _HANDLE_BATCH), and when the oldest of them was drained
+        self._pending: list[bytes] = []
+        self._pending_since = 0.0
         #: one drainer at a time (the receiving thread or the daemon's tick): records stay in arrival order
         #: and the token bucket is not updated twice at once
         self._handle_lock = threading.Lock()
@@ -179,55 +185,79 @@ class PhaseReceiver:
         assert self._sock is not None
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
-        last = time.monotonic()
-        wait = 0.0
+        # the arrival rate, measured over windows of about a second (one drain's count is too noisy: a
+        # pause before it would stretch the next wait past what the queue holds at the real rate)
+        wait, since, counted = 0.0, time.monotonic(), 0
         while not self._stop.is_set():
-            n = self.flush()
-            now = time.monotonic()
-            if not n:
-                poller.poll()  # nothing queued: sleep until something is (stop() sends an empty datagram)
-                if time.monotonic() - now > self.batch_delay_s:
-                    wait = 0.0  # the senders paused: their next rate is unknown, start short again
-                continue
-            # At a low rate (a GPU or two: records arrive one by one), let the next ones gather in the
-            # kernel's queue: one wake-up per few records rather than per record. At the rate these came in,
-            # about _GATHER records arrive meanwhile, inside the queue (max_dgram_qlen, 10 by default) with a
-            # burst of one record per GPU on top. The wait at most doubles from one batch to the next,
-            # so traffic that starts suddenly is caught within a few ms. At higher rates records come in
-            # bursts that one wake-up drains anyway; no wait, so the queue never fills.
-            rate = n / max(now - last, 1e-6)
-            wait = 0.0 if rate > _BATCH_BELOW_PER_S else \
-                min(self.batch_delay_s, _GATHER / rate, max(2 * wait, _MIN_WAIT_S))
-            last = now
-            if wait:
-                time.sleep(wait)
+            # sleep until a record is queued (stop() sends an empty datagram), or drained ones are due
+            timeout_ms = None
+            if self._pending:
+                left = self._pending_since + self.handle_interval_s - time.monotonic()
+                timeout_ms = max(0, math.ceil(left * 1e3))
+            if poller.poll(timeout_ms) and wait:
+                time.sleep(wait)  # let more gather: one wake-up per few records, not per record
+            with self._handle_lock:
+                n = self._drain_locked()
+                now = time.monotonic()
+                if len(self._pending) >= _HANDLE_BATCH or (
+                        self._pending and now - self._pending_since >= self.handle_interval_s):
+                    self._handle_pending_locked()
+            # the next wait: at the rate of the last second the queue reaches about _BATCH_TARGET records,
+            # less a burst of one record per GPU at each end; none when the rate leaves no room (several busy
+            # GPUs: they come in bursts anyway)
+            counted += n
+            if now - since >= 1.0:
+                rate = counted / (now - since)
+                room = _BATCH_TARGET - 2 * max(1, self.timeline.gpu_count())
+                wait = min(self.batch_delay_s, room / rate) if rate and room > 0 else 0.0
+                since, counted = now, 0
         self.flush()  # what was queued before stop() is handled, not lost
 
     def flush(self) -> int:
-        """Receive and validate every datagram queued on the socket (in arrival order); returns how many.
+        """Receive every datagram queued on the socket and validate every received one, in arrival order;
+        returns how many were validated.
 
-        The receiving thread calls this when it wakes; the daemon before it attributes (and before polling a
-        sampler that reads the steps), so that they see every step the shims have sent."""
+        The receiving thread validates in batches (module docstring); the daemon calls this before it
+        attributes (and before polling a sampler that reads the steps), so that they see every step the
+        shims have sent."""
+        with self._handle_lock:
+            self._drain_locked()
+            return self._handle_pending_locked()
+
+    def _drain_locked(self) -> int:
+        """Move the datagrams queued on the socket to ``_pending`` (validating a full batch on the way);
+        returns how many."""
         sock = self._sock
         if sock is None:
             return 0
         size = self.max_record_bytes + 1
+        pending = self._pending
         n = 0
-        with self._handle_lock:
-            while True:
-                try:
-                    data = sock.recv(size)
-                except (BlockingIOError, InterruptedError):
-                    return n
-                except OSError as exc:
-                    if not self._stop.is_set():
-                        log.warning("phase receiver: recv failed: %s", exc)
-                        time.sleep(0.01)  # a persistent socket error must not spin
-                    return n
-                if not data and self._stop.is_set():
-                    continue  # stop()'s wake-up, not a record
-                self.handle(data)
-                n += 1
+        while True:
+            try:
+                data = sock.recv(size)
+            except (BlockingIOError, InterruptedError):
+                return n
+            except OSError as exc:
+                if not self._stop.is_set():
+                    log.warning("phase receiver: recv failed: %s", exc)
+                    time.sleep(0.01)  # a persistent socket error must not spin
+                return n
+            if not data and self._stop.is_set():
+                continue  # stop()'s wake-up, not a record
+            if not pending:
+                self._pending_since = time.monotonic()
+            pending.append(data)
+            n += 1
+            if len(pending) >= _HANDLE_BATCH:
+                self._handle_pending_locked()
+                pending = self._pending  # a new list: the handled one is gone
+
+    def _handle_pending_locked(self) -> int:
+        batch, self._pending = self._pending, []
+        for data in batch:
+            self.handle(data)
+        return len(batch)
 
     # ---------------------------------------------------------------- validation
 

@@ -90,6 +90,10 @@ class Timeline:
         while samples and samples[0].t_ns < cutoff:
             samples.popleft()
 
+    def gpu_count(self) -> int:
+        """How many GPUs have steps here (cheap: no copy, no sort)."""
+        return len(self._steps)
+
     def gpus(self) -> list[str]:
         with self._lock:
             return sorted(set(self._steps) | set(self._samples))
