@@ -15,13 +15,20 @@ of the GPM windows that lie wholly inside a pure run. Duty-cycled runs (the 8B s
 beside them give a second, diagnostic truth: how far a phase's signature moves with its context (clock under
 the power cap, steps after idle).
 
+The 8B regime also carries its own, in-context truth: about 13% of its time goes to long (350-600 ms) runs
+of one phase's steps, so that whole GPM windows fall inside one run whatever their delay
+(``context_windows``). Those windows' means are the truth of each phase in that mix, and they are held out
+of the regime's trace, so the estimate graded against them never sees them.
+
 ``evaluate`` (CPU) turns the recordings into trace files, attributes each regime with ``naive`` and
 ``unmix`` (phaselens.agent.attribution) and reports, per regime, the largest absolute error over
 {sm_active, tensor_active, dram_active} x {prefill, decode, mixed}; ``--results-md`` appends the table to
-bench/RESULTS.md, ``--fixtures`` writes the small CPU-test fixtures. ``probe-kernels`` prints the power, clock
-and GPM activity of each candidate prefill kernel.
+bench/RESULTS.md, ``--fixtures`` writes the small CPU-test fixtures (merged into those there: a recording of
+some regimes replaces only their fixtures). ``probe-kernels`` prints the power, clock and GPM activity of each
+candidate prefill kernel.
 
     python3 bench/attribution_accuracy.py record --out $OUT/raw                 # GPU machine, ~5 min
+    python3 bench/attribution_accuracy.py record --out $OUT/raw --regimes 8b    # truth runs + 8B, ~2.5 min
     python3 bench/attribution_accuracy.py evaluate --raw DIR [--fixtures tests/fixtures/attribution]
 """
 
@@ -31,7 +38,9 @@ import datetime
 import json
 import math
 import platform
+from multiprocessing.synchronize import Event as MpEvent
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 import multiprocessing as mp
 import random
 import socket
@@ -41,6 +50,9 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+if TYPE_CHECKING:
+    from phaselens.agent.attribution import _Timeline
 
 GPM_METRICS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active")
 GPM_IDS = {"sm_active": 2, "sm_occupancy": 3, "tensor_active": 5, "dram_active": 10, "fp16_active": 13}
@@ -61,12 +73,25 @@ PREFILL_KERNELS = {
 #: step lengths of the 8B-shaped regime, and the duty cycles of the truth runs beside the pure ones
 STEP_8B_MS = {"prefill": 45.0, "decode": 10.0, "mixed": 20.0}
 DUTIES = (0.5, 0.25)
+#: the 8B regime's in-context truth. A GPM window (~100 ms) ends 0-110 ms before the poll that sees it (a
+#: drifting sawtooth, bench/RESULTS.md), so a window is surely inside one run only if the run covers
+#: [poll - period - 110 ms, poll]: ~210 ms. Long runs of 350-600 ms leave ~1.4-3.9 such polls each; one comes
+#: every 2-4.5 s of regular 8B steps (mean 3.25 s: ~13% of the time in long runs, ~10 truth windows per
+#: phase in 45 s). Short enough to stay 8B-shaped, long enough that whole windows fall inside.
+CONTEXT_RUN_MS = (350.0, 600.0)
+CONTEXT_EVERY_S = (2.0, 4.5)
+CONTEXT_DELAY_MAX_MS = 110.0
+#: the share of a window's coverage that must be its phase: steps of one run abut within ~16 us (H100
+#: recording), so this only lets those slivers through, never an idle gap or another phase's step
+CONTEXT_PURITY = 0.999
+#: the regimes that get an in-context truth
+CONTEXT_REGIMES = ("8b",)
 
 
 # ------------------------------------------------------------------ the poller (its own process: no GIL)
 
 
-def _poller(stop: mp.Event, ready: mp.Event, path: str, gpu_index: int, poll_ms: float) -> None:
+def _poller(stop: MpEvent, ready: MpEvent, path: str, gpu_index: int, poll_ms: float) -> None:
     import pynvml as nv
 
     nv.nvmlInit()
@@ -172,7 +197,7 @@ class Workload:
         self.x = torch.randn(16, 8192, device=self.dev, dtype=torch.bfloat16, generator=g)
         self.y = torch.empty(16, 57344, device=self.dev, dtype=torch.bfloat16)
         self.ms = {"big": 1.0, "skinny": 1.0}
-        self.ref = None
+        self.ref: Any = None  # a torch.cuda.Event once set_reference ran
         self.ref_ns = 0
 
     def big(self) -> None:
@@ -227,7 +252,7 @@ class Workload:
     def run_steps(self, plan: list[tuple[str, float, float]], label: str) -> list[dict]:
         """plan: (phase, step_ms, idle_gap_ms_before). Returns step dicts with wall-clock ns."""
         torch = self.torch
-        pending: list[tuple[str, object, object, float, tuple[int, int]]] = []
+        pending: list[tuple[str, Any, Any, float, tuple[int, int]]] = []  # (phase, start, end event, ...)
         for phase, ms, gap_ms in plan:
             if gap_ms > 0:
                 if pending:
@@ -246,19 +271,49 @@ class Workload:
 
 
 def make_plan(regime: str, seconds: float, rng: random.Random) -> list[tuple[str, float, float]]:
+    """Steps (phase, step_ms, idle_gap_ms_before) of about ``seconds`` of ``regime``, drawn from ``rng``.
+
+    The "8b" regime is engine-like (runs of decode steps broken by prefill chunks or mixed steps, random
+    idle gaps), and now and then (``CONTEXT_EVERY_S`` apart, ~13% of the time) one long single-phase run
+    (``CONTEXT_RUN_MS``) of the same step lengths: whole GPM windows fall inside it, for the in-context
+    truth (``context_windows``). The phases of the long runs take turns in shuffled rounds, so each gets a
+    share of the truth windows whatever the seed."""
     plan: list[tuple[str, float, float]] = []
     total = 0.0
     if regime == "8b":
-        # engine-like: runs of decode steps, broken by a prefill chunk or a mixed step; random idle gaps
+
+        def step_ms(kind: str) -> float:
+            return (rng.uniform(8.0, 12.0) if kind == "decode"
+                    else rng.uniform(40.0, 50.0) if kind == "prefill" else rng.uniform(17.0, 23.0))
+
+        turns: list[str] = []
+        next_long = rng.uniform(*CONTEXT_EVERY_S) * 1000
         while total < seconds * 1000:
+            if total >= next_long:
+                if not turns:
+                    turns = list(PHASES)
+                    rng.shuffle(turns)
+                kind = turns.pop()
+                # an idle gap may come before a long run, never inside it (that would split it)
+                gap = rng.uniform(5.0, 150.0) if rng.random() < 0.05 else 0.0
+                total += gap
+                run, target = 0.0, rng.uniform(*CONTEXT_RUN_MS)
+                while run < target:
+                    ms = step_ms(kind)
+                    plan.append((kind, ms, gap if run == 0.0 else 0.0))
+                    run += ms
+                total += run
+                next_long = total + rng.uniform(*CONTEXT_EVERY_S) * 1000
+                continue
+            # engine-like: runs of decode steps, broken by a prefill chunk or a mixed step; random idle gaps
             for _ in range(rng.randint(2, 25)):
-                ms = rng.uniform(8.0, 12.0)
+                ms = step_ms("decode")
                 gap = rng.uniform(5.0, 150.0) if rng.random() < 0.04 else 0.0
                 plan.append(("decode", ms, gap))
                 total += ms + gap
             kind = rng.choice(("prefill", "mixed", "mixed"))
             for _ in range(rng.randint(1, 4)):
-                ms = rng.uniform(40.0, 50.0) if kind == "prefill" else rng.uniform(17.0, 23.0)
+                ms = step_ms(kind)
                 gap = rng.uniform(5.0, 150.0) if rng.random() < 0.05 else 0.0
                 plan.append((kind, ms, gap))
                 total += ms + gap
@@ -273,7 +328,8 @@ def make_plan(regime: str, seconds: float, rng: random.Random) -> list[tuple[str
 
 
 def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
-           prefill_kernel: str = "mm8192") -> None:
+           prefill_kernel: str = "mm8192", regimes: tuple[str, ...] = tuple(REGIMES)) -> None:
+    """Truth runs, the selected ``regimes`` (in REGIMES order), truth runs again; raw files in ``out``."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -319,9 +375,13 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
 
     truth_runs("a")
     for regime in REGIMES:
+        # every plan is drawn, run or not, so a regime's plan for a seed is the same whichever are selected
+        plan = make_plan(regime, regime_s, rng)
+        if regime not in regimes:
+            continue
         time.sleep(0.5)
         t = time.time_ns()
-        steps.extend(wl.run_steps(make_plan(regime, regime_s, rng), regime))
+        steps.extend(wl.run_steps(plan, regime))
         spans.append({"kind": "regime", "regime": regime, "start_ns": t, "end_ns": time.time_ns()})
         print(f"regime {regime}: done", flush=True)
     time.sleep(0.5)
@@ -335,6 +395,7 @@ def record(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
     meta = {"host": socket.gethostname(), "gpu": torch.cuda.get_device_name(0), "calibration_ms": cal,
             "clock_drift_ns": drift_ns, "ref1_ns": old_ns, "ref2_ns": wl.ref_ns, "poll_ms": poll_ms,
             "regime_s": regime_s, "pure_s": pure_s, "spans": spans, "prefill_kernel": prefill_kernel,
+            "regimes": [r for r in REGIMES if r in regimes], "seed": seed,
             "big_flops": wl.big_flops, "big_bytes": wl.big_bytes}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     with open(out / "steps.jsonl", "w") as fh:
@@ -408,7 +469,7 @@ def gpm_values(rec: dict) -> dict[str, float | None]:
 
 def truth_from_pure(meta: dict, gpm: list[dict]) -> dict[str, dict[str, float]]:
     """Per phase: mean of the GPM windows seen at least 0.5 s into a pure run and before its end."""
-    acc: dict[str, list[dict[str, float]]] = {}
+    acc: dict[str, list[dict[str, Any]]] = {}
     for span in meta["spans"]:
         if span["kind"] != "pure":
             continue
@@ -421,13 +482,16 @@ def truth_from_pure(meta: dict, gpm: list[dict]) -> dict[str, dict[str, float]]:
     return {ph: {k: sum(v[k] for v in rows) / len(rows) for k in GPM_METRICS} for ph, rows in acc.items()}
 
 
-def _phase_timeline(steps: list[dict], t_ref: int):
-    from phaselens.agent.attribution import _Timeline
+def _phase_timeline(steps: list[dict], t_ref: int) -> _Timeline:
+    """The attributor's own busy-time timeline of raw step dicts (exact window overlaps)."""
+    from phaselens.agent.attribution import _Steps, _Timeline
     from phaselens.phase import Phase
 
-    recs = [SimpleNamespace(t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], phase=Phase.parse(st["phase"]))
-            for st in steps]
-    return _Timeline.build(recs, t_ref)  # type: ignore[arg-type]
+    # the fields _Steps.of reads; the step records themselves would need a GPU, an engine, tokens, ...
+    recs: list[Any] = [SimpleNamespace(t0_ns=st["t0_ns"], t1_ns=st["t1_ns"], phase=Phase.parse(st["phase"]),
+                                       flops=0.0, bytes=0.0) for st in steps]
+    # _Timeline.build takes the attributor's column form (_Steps) since f8c7db7, not records
+    return _Timeline.build(_Steps.of(recs), t_ref)
 
 
 def _clock_during(nvml: list[dict], steps: list[dict]) -> float | None:
@@ -477,6 +541,7 @@ def truth_points(meta: dict, steps: list[dict], gpm: list[dict], nvml: list[dict
                 r = float(np.mean((Y[:, 0] - u[0] * f) ** 2))
                 if best is None or r < best[0]:
                     best = (r, u)
+            assert best is not None  # the scan has 200 offsets
             values = best[1]
         points.setdefault(span["phase"], []).append({
             "duty": span.get("duty", 1.0), "clock_mhz": _clock_during(nvml, mine),
@@ -496,9 +561,72 @@ def duty_truth(points: dict[str, list[dict]], duty: float = 0.5) -> dict[str, di
     return out
 
 
+def context_windows(steps: list[dict], gpm: list[dict], t_lo: int, t_hi: int,
+                    delay_max_ms: float = CONTEXT_DELAY_MAX_MS) -> dict[str, list[tuple[int, dict]]]:
+    """Per phase: the GPM refreshes polled in [t_lo, t_hi) whose window lies inside one run of that phase of
+    ``steps`` for every window delay from 0 to ``delay_max_ms``: (poll t_ns, values), in poll order.
+
+    The delay is a drifting sawtooth, not known per window without the fit we grade, so the whole span
+    [poll - period - delay_max, poll] must be the phase (``CONTEXT_PURITY`` of it: the slivers between
+    abutting steps). ``period`` is the larger of the median refresh interval and this refresh's own gap to the
+    one before: a refresh that came late covers a longer window. Idle is never a phase here, so a gap splits
+    a run.
+    """
+    from phaselens.phase import Phase
+
+    ups = sorted(((rec["t0"] + rec["t1"]) // 2, gpm_values(rec)) for rec in gpm
+                 if t_lo <= (rec["t0"] + rec["t1"]) // 2 < t_hi)
+    ups = [(t, v) for t, v in ups if v["sm_active"] is not None]
+    out: dict[str, list[tuple[int, dict]]] = {ph: [] for ph in PHASES}
+    if len(ups) < 2 or not steps:
+        return out
+    t = np.array([u[0] for u in ups], dtype=np.int64)
+    gaps = np.diff(t).astype(float)
+    median = float(np.median(gaps))
+    period = np.maximum(np.concatenate([[median], gaps]), median)
+    t_ref = int(t[0])
+    end = (t - t_ref) / 1e9
+    start = end - (period + delay_max_ms * 1e6) / 1e9
+    f = _phase_timeline(steps, t_ref).fractions(start, end)[:, :3]
+    busy = [p.value for p in Phase.busy()]  # the timeline's column order
+    for i in np.flatnonzero(f.max(axis=1) >= CONTEXT_PURITY):
+        out[busy[int(np.argmax(f[i]))]].append((int(t[i]), ups[i][1]))
+    return out
+
+
+def context_truth(windows: dict[str, list[tuple[int, dict]]], nvml: list[dict],
+                  delay_max_ms: float = CONTEXT_DELAY_MAX_MS) -> tuple[dict, dict, dict, dict]:
+    """(truth, windows, stderr, clock_mhz) per phase of ``context_windows``: the mean of each metric over the
+    windows, their count, the standard error of the mean, and the mean SM clock of the NVML polls taken in
+    the windows' spans (phases without windows have a count of 0 and nothing else)."""
+    truth: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
+    clock: dict[str, float | None] = {}
+    for phase, rows in windows.items():
+        if not rows:
+            continue
+        Y = np.array([[v[k] for k in GPM_METRICS] for _, v in rows])
+        truth[phase] = {k: float(x) for k, x in zip(GPM_METRICS, Y.mean(axis=0))}
+        se = (Y.std(axis=0, ddof=1) / math.sqrt(len(rows)) if len(rows) > 1
+              else np.full(len(GPM_METRICS), np.nan))
+        stderr[phase] = {k: float(x) for k, x in zip(GPM_METRICS, se) if np.isfinite(x)}
+        # the spans the windows may have covered (median period ~100 ms plus the delay range)
+        spans = [(t - int((100.0 + delay_max_ms) * 1e6), t) for t, _ in rows]
+        mhz = [rec["sm_clock_hz"] / 1e6 for rec in nvml if any(a <= rec["t"] <= b for a, b in spans)]
+        clock[phase] = float(np.mean(mhz)) if mhz else None
+    return truth, {ph: len(rows) for ph, rows in windows.items()}, stderr, clock
+
+
 def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates_only: bool = False,
                  with_nvml: bool = True) -> dict[str, Path]:
-    """One trace file per regime under ``dest`` plus ``truth.json``; returns regime -> path."""
+    """One trace file per regime the recording holds, under ``dest``, plus ``truth.json``; returns regime ->
+    path. ``seconds``: only the first seconds of each regime; ``updates_only``: GPM polls with values only.
+
+    In ``CONTEXT_REGIMES`` the in-context truth (``context_windows`` over the whole regime) goes into
+    truth.json under ``context_truth``, and its windows are held out of the trace: the estimate graded
+    against them never sees them. truth.json is merged with one already in ``dest`` (a recording of some
+    regimes only, ``record --regimes``): regimes this recording lacks keep their trace files, clocks and
+    pure-run truth; ``regime_truth`` names the pure-run truth of the recording behind each trace file."""
     from phaselens.gpus import find_gpu_spec
     from phaselens.phase import Clock, Phase, Role
     from phaselens.trace import GpuInfo, MetaRecord, SampleRecord, StepRecord, TraceWriter
@@ -512,22 +640,50 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
     dest.mkdir(parents=True, exist_ok=True)
     truth = truth_from_pure(meta, gpm)
     points = truth_points(meta, steps, gpm, nvml)
+    regime_spans = [span for span in meta["spans"] if span["kind"] == "regime"]
     clocks: dict[str, dict[str, float | None]] = {}
-    for span in meta["spans"]:
-        if span["kind"] == "regime":
-            clocks[span["regime"]] = {
-                phase: _clock_during(nvml, [st for st in steps if st["regime"] == span["regime"]
-                                            and st["phase"] == phase]) for phase in PHASES}
+    for span in regime_spans:
+        clocks[span["regime"]] = {
+            phase: _clock_during(nvml, [st for st in steps if st["regime"] == span["regime"]
+                                        and st["phase"] == phase]) for phase in PHASES}
     pure_clock = {ph: float(np.mean([p["clock_mhz"] or 0.0 for p in pts if p["duty"] == 1.0]))
                   for ph, pts in points.items()}
-    (dest / "truth.json").write_text(json.dumps(
-        {"gpu": name, "uuid": uuid, "truth": truth, "truth_clock_mhz": pure_clock, "truth_runs": points,
-         "duty_truth": duty_truth(points), "regime_clock_mhz": clocks}, indent=1) + "\n")
-    paths = {}
-    for span in meta["spans"]:
-        if span["kind"] != "regime":
-            continue
+    held_out: dict[str, set[int]] = {}
+    context: dict | None = None
+    for span in regime_spans:
         regime = span["regime"]
+        if regime not in CONTEXT_REGIMES:
+            continue
+        mine = [st for st in steps if st["regime"] == regime]
+        windows = context_windows(mine, gpm, span["start_ns"], span["end_ns"])
+        values, counts, stderr, clock = context_truth(windows, nvml)
+        held_out[regime] = {t for rows in windows.values() for t, _ in rows}
+        context = {regime: values, "windows": counts, "stderr": stderr, "clock_mhz": clock,
+                   "delay_max_ms": CONTEXT_DELAY_MAX_MS, "purity": CONTEXT_PURITY,
+                   "span_s": (span["end_ns"] - span["start_ns"]) / 1e9,
+                   "held_out_t_ns": sorted(held_out[regime])}
+
+    doc = {"gpu": name, "uuid": uuid, "truth": truth, "truth_clock_mhz": pure_clock, "truth_runs": points,
+           "duty_truth": duty_truth(points), "regime_clock_mhz": clocks,
+           "regime_truth": {span["regime"]: truth for span in regime_spans}}
+    truth_path = dest / "truth.json"
+    old = json.loads(truth_path.read_text()) if truth_path.exists() else {}
+    for regime in REGIMES:
+        if regime in clocks or not (dest / f"regime_{regime}.jsonl").exists() or "truth" not in old:
+            continue
+        # a trace file from an earlier recording stays: so do its truth and clocks
+        doc["regime_truth"][regime] = old.get("regime_truth", {}).get(regime, old["truth"])
+        if regime in old.get("regime_clock_mhz", {}):
+            doc["regime_clock_mhz"][regime] = old["regime_clock_mhz"][regime]
+        if regime in old.get("context_truth", {}):
+            context = old["context_truth"]
+    if context is not None:
+        doc["context_truth"] = context
+    truth_path.write_text(json.dumps(doc, indent=1) + "\n")
+    paths = {}
+    for span in regime_spans:
+        regime = span["regime"]
+        drop = held_out.get(regime, set())
         t_lo = span["start_ns"]
         t_hi = span["end_ns"] if seconds is None else min(span["end_ns"], t_lo + int(seconds * 1e9))
         path = dest / f"regime_{regime}.jsonl"
@@ -545,7 +701,7 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
                     bytes=float(st["big"] * meta.get("big_bytes", BIG_BYTES) + st["skinny"] * SKINNY_BYTES)))
             for rec in gpm:
                 t = (rec["t0"] + rec["t1"]) // 2
-                if not t_lo <= t < t_hi:
+                if not t_lo <= t < t_hi or t in drop:
                     continue
                 vals = gpm_values(rec)
                 if updates_only and vals["sm_active"] is None:
@@ -561,23 +717,30 @@ def write_traces(raw: Path, dest: Path, *, seconds: float | None = None, updates
 
 
 def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
-    """Per regime, method and truth ("pure": the pure runs, the figure of record; "duty": the duty-cycled
-    truth runs, a diagnostic): the largest absolute error over TRUTH_KEYS x the phases that ran."""
+    """Per regime, method and truth: the largest absolute error over TRUTH_KEYS x the phases that ran.
+
+    Truths: "pure" (the pure runs of the recording behind the trace, the figure of record), "duty" (the
+    duty-cycled truth runs, a diagnostic) and, in ``CONTEXT_REGIMES``, "context" (the windows wholly inside
+    one-phase runs of the regime itself, held out of its trace; phases without such windows are left out)."""
     from phaselens.agent.attribution import AttributionConfig, Attributor
     from phaselens.agent.state import GpuIdentity
     from phaselens.phase import Phase
     from phaselens.trace import read_trace
 
     out: dict[str, dict] = {}
+    context = truth_doc.get("context_truth", {})
     for regime, path in traces.items():
         tr = read_trace(path)
         uuid = tr.gpu_uuids()[0]
         ident = GpuIdentity(uuid=uuid, index=0, name=tr.meta.gpus[0].name if tr.meta else "")
-        truths = {"pure": truth_doc["truth"]}
+        truths = {"pure": truth_doc.get("regime_truth", {}).get(regime, truth_doc["truth"])}
         duty = truth_doc.get("duty_truth", {})
         if all(ph in duty for ph in PHASES):
             truths["duty"] = duty
         out[regime] = {"windows": 0, "offset_ms": None}
+        if regime in context:
+            truths["context"] = context[regime]
+            out[regime]["context_windows"] = context["windows"]
         for method in ("naive", "unmix"):
             attributor = Attributor(AttributionConfig(method=method, horizon_s=3600))
             res = attributor.attribute(ident, tr.steps, tr.samples)
@@ -588,7 +751,7 @@ def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
             for kind, truth in truths.items():
                 worst, detail = 0.0, {}
                 for phase in Phase.busy():
-                    if phase not in ran:
+                    if phase not in ran or phase.value not in truth:
                         continue
                     pv = res.phases.get(phase)
                     for key in TRUTH_KEYS:
@@ -602,19 +765,24 @@ def evaluate(traces: dict[str, Path], truth_doc: dict) -> dict[str, dict]:
 
 def print_table(results: dict[str, dict], truth_doc: dict) -> str:
     """Per regime: naive and unmix against the pure-run truth (the target), unmix against the duty-run truth,
-    the worst unmix term, the SM clock each phase ran at; then the truths themselves with their clocks."""
+    naive and unmix against the in-context truth (8B), the worst unmix term, the SM clock each phase ran at;
+    then the truths themselves with their clocks (and the in-context truth's window counts)."""
     clocks = truth_doc.get("regime_clock_mhz", {})
-    lines = [f"{'regime':<7} {'naive':>7} {'unmix':>7}  {'unmix vs':>8} {'windows':>8}  "
-             f"{'worst unmix term':<28} SM MHz p/d/m",
-             f"{'':<7} {'vs pure-run truth':>15}  {'duty 0.5':>8}"]
+
+    def fmt(r: dict, key: str) -> str:
+        e = r.get(key, {}).get("max_abs_error")
+        return "-" if e is None else f"{e:.3f}"
+
+    lines = [f"{'regime':<7} {'naive':>7} {'unmix':>7}  {'unmix vs':>8}  {'naive':>7} {'unmix':>7} "
+             f"{'windows':>8}  {'worst unmix term':<28} SM MHz p/d/m",
+             f"{'':<7} {'vs pure-run truth':>15}  {'duty 0.5':>8}  {'vs in-context':>15}"]
     for regime, r in results.items():
-        d = r.get("unmix_duty", {}).get("max_abs_error")
         worst = max(r["unmix_pure"]["errors"].items(), key=lambda kv: kv[1])
         clk = "/".join("-" if c is None else f"{c:.0f}" for c in clocks.get(regime, {}).values())
-        lines.append(f"{regime:<7} {r['naive_pure']['max_abs_error']:>7.3f} "
-                     f"{r['unmix_pure']['max_abs_error']:>7.3f}"
-                     f"  {'-' if d is None else f'{d:.3f}':>8} {r['windows']:>8}  "
-                     f"{worst[0] + '=' + format(worst[1], '.3f'):<28} {clk}")
+        lines.append(f"{regime:<7} {fmt(r, 'naive_pure'):>7} {fmt(r, 'unmix_pure'):>7}"
+                     f"  {fmt(r, 'unmix_duty'):>8}  {fmt(r, 'naive_context'):>7}"
+                     f" {fmt(r, 'unmix_context'):>7} "
+                     f"{r['windows']:>8}  {worst[0] + '=' + format(worst[1], '.3f'):<28} {clk}")
     lines.append("truths (sm / tensor / dram @ SM MHz): pure runs | duty-0.5 runs of the 8B step lengths")
     for ph in PHASES:
         t = truth_doc["truth"][ph]
@@ -625,6 +793,22 @@ def print_table(results: dict[str, dict], truth_doc: dict) -> str:
             row += (f" | {dt['sm_active']:.3f} / {dt['tensor_active']:.3f} / {dt['dram_active']:.3f}"
                     f" @ {dt['clock_mhz']:.0f}")
         lines.append(row)
+    context = truth_doc.get("context_truth", {})
+    for regime in (r for r in CONTEXT_REGIMES if r in context and r in results):
+        delay = context.get("delay_max_ms", CONTEXT_DELAY_MAX_MS)
+        lines.append(f"in-context truth, {regime} (windows inside a one-phase run for every delay"
+                     f" 0-{delay:.0f} ms; held out of the estimate):")
+        for ph in PHASES:
+            n = context["windows"].get(ph, 0)
+            t = context[regime].get(ph)
+            if t is None:
+                lines.append(f"  {ph:<8} no windows")
+                continue
+            mhz = context.get("clock_mhz", {}).get(ph)
+            se = context.get("stderr", {}).get(ph, {})
+            lines.append(f"  {ph:<8} {t['sm_active']:.3f} / {t['tensor_active']:.3f} / {t['dram_active']:.3f}"
+                         f" @ {'-' if mhz is None else format(mhz, '.0f')}, {n} windows"
+                         f" (tensor s.e. {se.get('tensor_active', float('nan')):.3f})")
     text = "\n".join(lines)
     print(text)
     return text
@@ -645,6 +829,14 @@ def main() -> None:
     """Ground-truth attribution benchmark."""
 
 
+def _parse_regimes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(r.strip() for r in value.split(",") if r.strip())
+    bad = [r for r in names if r not in REGIMES]
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or 'none given'}; expected some of {', '.join(REGIMES)}")
+    return names
+
+
 @main.command("record")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--regime-s", type=float, default=45.0, show_default=True)
@@ -653,10 +845,12 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prefill-kernel", type=click.Choice(list(PREFILL_KERNELS)), default="mm8192",
               show_default=True)
+@click.option("--regimes", default=",".join(REGIMES), show_default=True, callback=_parse_regimes,
+              help="Comma-separated regimes to record (the truth runs always run), e.g. '8b'.")
 def record_cmd(out: Path, regime_s: float, pure_s: float, poll_ms: float, seed: int,
-               prefill_kernel: str) -> None:
+               prefill_kernel: str, regimes: tuple[str, ...]) -> None:
     """Run the workload on the GPU and write raw recordings to OUT."""
-    record(out, regime_s, pure_s, poll_ms, seed, prefill_kernel)
+    record(out, regime_s, pure_s, poll_ms, seed, prefill_kernel, regimes)
 
 
 @main.command("probe-kernels")

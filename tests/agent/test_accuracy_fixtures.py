@@ -1,13 +1,18 @@
 """Accuracy on the H100 ground-truth fixtures (tests/fixtures/attribution, made by
 bench/attribution_accuracy.py on an NVIDIA H100 80GB HBM3: 30 s of each regime, GPM refreshes and CUDA-event
-step intervals). Truth: the means of long pure runs of each phase (truth.json).
+step intervals). Truth: the means of long pure runs of each phase (truth.json; ``regime_truth`` names the one
+of the recording behind each fixture, where a later recording replaced some fixtures only).
 
 Figures of record (whole 45 s regimes) are in bench/RESULTS.md. On these fixtures unmix is within 0.03 of
 the pure-run truth in the long, medium and short regimes. In the 8B-shaped regime it is not (about 0.05, on
 prefill and mixed tensor activity): there a prefill chunk runs between decode steps at ~1800 MHz instead of
 the ~1400 MHz the power cap allows a pure prefill run, and the duty-cycled truth runs at those clocks read the
-same lower tensor activity unmix finds (truth.json, ``duty_truth``). That test asserts what holds: decode
-within 0.03, the rest within 0.06, and naive far worse.
+same lower tensor activity unmix finds (truth.json, ``duty_truth``). So the 8B regime is graded against its
+own, in-context truth (truth.json ``context_truth``): the GPM windows that lie inside a one-phase run of the
+regime itself for every window delay 0-110 ms (the regime has such long runs now and then), held out of its
+fixture. Against the pure-run truth the 8B test asserts what holds: decode within 0.03, the rest within 0.06,
+and naive far worse. Fixtures recorded before the in-context truth existed have no ``context_truth``: that
+test skips until the recording is redone (bench/attribution_accuracy.py record --regimes 8b).
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ from phaselens.trace import read_trace
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "attribution"
 KEYS = ("sm_active", "tensor_active", "dram_active")
 TRUTH = json.loads((FIXTURES / "truth.json").read_text())
+#: fewer in-context windows than this for a phase is no truth to grade 0.03 against
+MIN_CONTEXT_WINDOWS = 3
 
 
-def errors(regime: str, method: str) -> dict[tuple[Phase, str], float]:
+def pure_truth(regime: str) -> dict:
+    """The pure-run truth of the recording that made ``regime``'s fixture."""
+    return TRUTH.get("regime_truth", {}).get(regime, TRUTH["truth"])
+
+
+def errors(regime: str, method: str, truth: dict | None = None) -> dict[tuple[Phase, str], float]:
+    """|estimate - truth| per (phase, key) over the phases ``truth`` has (default: the pure-run truth)."""
+    truth = pure_truth(regime) if truth is None else truth
     trace = read_trace(FIXTURES / f"regime_{regime}.jsonl")
     assert trace.malformed == 0 and trace.meta is not None
     gpu = trace.meta.gpus[0]
@@ -35,9 +49,11 @@ def errors(regime: str, method: str) -> dict[tuple[Phase, str], float]:
         GpuIdentity(uuid=gpu.uuid, index=gpu.index, name=gpu.name), trace.steps, trace.samples)
     out = {}
     for phase in Phase.busy():
+        if phase.value not in truth:
+            continue
         for key in KEYS:
-            truth = TRUTH["truth"][phase.value][key]
-            out[(phase, key)] = abs(res.phases[phase].values[key] - truth) if phase in res.phases else 1.0
+            out[(phase, key)] = abs(res.phases[phase].values[key] - truth[phase.value][key]) \
+                if phase in res.phases else 1.0
     return out
 
 
@@ -55,3 +71,25 @@ def test_8b_regime_decode_within_3_points_and_far_better_than_naive() -> None:
     assert max(v for (p, _), v in unmix.items() if p == Phase.DECODE) <= 0.03, unmix
     assert max(unmix.values()) <= 0.06, unmix
     assert max(naive.values()) >= 0.3 and max(naive.values()) > 5 * max(unmix.values())
+
+
+def test_8b_regime_unmix_within_3_points_of_in_context_truth() -> None:
+    context = TRUTH.get("context_truth", {})
+    if "8b" not in context:
+        pytest.skip("truth.json has no context_truth: the 8B fixture predates the in-context truth; record "
+                    "on the GPU (bench/attribution_accuracy.py record --regimes 8b) and regenerate the "
+                    "fixtures")
+    windows = context["windows"]
+    few = {ph.value: windows.get(ph.value, 0) for ph in Phase.busy()
+           if windows.get(ph.value, 0) < MIN_CONTEXT_WINDOWS or ph.value not in context["8b"]}
+    if few:
+        pytest.skip(f"too few in-context truth windows in the 8B recording: {few} (need "
+                    f"{MIN_CONTEXT_WINDOWS} per phase); record a longer 8B regime (--regime-s)")
+    # the windows that make the truth are held out of the fixture the estimate reads
+    trace = read_trace(FIXTURES / "regime_8b.jsonl")
+    assert not set(context["held_out_t_ns"]) & {s.t_ns for s in trace.samples}
+    unmix = errors("8b", "unmix", context["8b"])
+    naive = errors("8b", "naive", context["8b"])
+    assert len(unmix) == 9
+    assert max(unmix.values()) <= 0.03, unmix
+    assert max(naive.values()) > 5 * max(unmix.values())
