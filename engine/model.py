@@ -17,14 +17,15 @@ that activations stay of order one through any number of layers (see :meth:`Llam
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from phaselens.engine.config import ModelConfig, RopeScaling
-from phaselens.kernels import AttentionMetadata, dense_attention, paged_attention
+from phaselens.kernels import (AttentionMetadata, add_rms_norm, dense_attention, paged_attention, rotate,
+                               silu_mul)
 
 
 class RMSNorm(nn.Module):
@@ -81,10 +82,8 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [T, heads, head_dim]`` rotated (HF's ``rotate_half`` layout)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-        return torch.addcmul(x * cos, rotated, sin)
+        """``x [T, heads, head_dim]`` rotated (HF's ``rotate_half`` layout; one fused kernel on CUDA)."""
+        return rotate(x, cos, sin)
 
 
 def _param(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
@@ -136,8 +135,7 @@ class MLP(nn.Module):
         self.down_proj = _param(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).split([self.intermediate, self.intermediate], dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return F.linear(silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -218,12 +216,24 @@ class LlamaModel(nn.Module):
 
         ``kv_cache``: ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
         """
-        x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.angles(positions)
-        for layer in self.decoder_layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), rope, meta, kv_cache)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        return self._decoder(F.embedding(input_ids, self.embed_tokens),
+                             lambda layer, h: layer.self_attn(h, rope, meta, kv_cache))
+
+    def _decoder(self, x: torch.Tensor, attend: Callable[[DecoderLayer, torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+        """The layers over embeddings ``x``, then the final norm: ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
+
+        Each residual add goes with the norm after it (the next sublayer's, or the final one): one fused
+        kernel on CUDA instead of two (kernels/fused.py), the same two torch calls elsewhere."""
+        layers = self.decoder_layers
+        h, residual = layers[0].input_layernorm(x), x
+        for i, layer in enumerate(layers):
+            post = layer.post_attention_layernorm
+            h, residual = add_rms_norm(attend(layer, h), residual, post.weight, post.eps)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h, residual = add_rms_norm(layer.mlp(h), residual, nxt.weight, nxt.eps)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -234,12 +244,10 @@ class LlamaModel(nn.Module):
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reference: float32 logits ``[L, vocab]`` of one whole sequence, full recompute, no cache."""
         positions = torch.arange(input_ids.shape[0], device=input_ids.device)
-        x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.angles(positions)
-        for layer in self.decoder_layers:
-            x = x + layer.self_attn.forward_dense(layer.input_layernorm(x), rope)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.compute_logits(self.norm(x))
+        hidden = self._decoder(F.embedding(input_ids, self.embed_tokens),
+                               lambda layer, h: layer.self_attn.forward_dense(h, rope))
+        return self.compute_logits(hidden)
 
     @torch.inference_mode()
     def greedy_dense(self, prompt: list[int], max_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[int]:

@@ -1,6 +1,7 @@
 """Kernels for the engine (paged attention), roofline probes; torch reference versions for CPU.
 
-The engine imports attention from here, never from a file below: this is the seam. On CUDA the step's
+The engine imports attention (and the fused elementwise ops around its matmuls: :func:`add_rms_norm`,
+:func:`silu_mul`, :func:`rotate`) from here, never from a file below: this is the seam. On CUDA the step's
 attention runs the Triton kernels of the submodule ``phaselens.kernels.paged_attention`` (reach it with
 :func:`importlib.import_module`: the package attribute of that name is the seam function below); on the
 CPU, and on CUDA when :func:`set_cuda_attention_backend` says ``"torch"`` (tests, A/B benchmarks), the torch
@@ -16,6 +17,7 @@ import importlib.util
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from phaselens.kernels import attention as _reference
 from phaselens.kernels.attention import AttentionMetadata, dense_attention, write_kv  # noqa: F401
@@ -65,6 +67,44 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if uses_triton(q.device):
         return _triton_kernels().paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     return _reference.paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+@functools.cache
+def _fused() -> ModuleType:
+    try:
+        return importlib.import_module("phaselens.kernels.fused")
+    except ImportError as e:
+        raise RuntimeError(f"CUDA steps need Triton ({e}); install triton or select the torch reference with "
+                           "phaselens.kernels.set_cuda_attention_backend('torch')") from e
+
+
+def add_rms_norm(delta: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm: ``(rms_norm(residual + delta) * weight, residual + delta)``.
+
+    One Triton kernel on CUDA (kernels/fused.py), two torch calls elsewhere."""
+    if uses_triton(delta.device):
+        return _fused().add_rms_norm(delta, residual, weight, eps)
+    s = residual + delta
+    return F.rms_norm(s, weight.shape, weight, eps), s
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` of the fused ``[T, 2 * inter]`` gate/up projection (gate first)."""
+    if uses_triton(gate_up.device):
+        return _fused().silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x [T, heads, head_dim]`` in HF's ``rotate_half`` layout, with a signed sin table
+    (``rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin)``): ``x * cos + cat(x2, x1) * sin``."""
+    if uses_triton(x.device):
+        return _fused().rotate(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 if importlib.util.find_spec("triton") is not None:

@@ -351,17 +351,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def compiled_variants() -> int:
-    """How many specializations of this module's kernels Triton has compiled (or loaded from its disk
-    cache) in this process: a serving engine should reach its final count during warm-up."""
+def kernel_variants(*fns: Any) -> int:
+    """How many specializations of the given Triton kernels have been compiled (or loaded from Triton's disk
+    cache) in this process."""
     total = 0
-    for fn in (_store_kv_kernel, _decode_kernel, _decode_reduce_kernel, _prefill_kernel):
+    for fn in fns:
         caches = getattr(fn, "device_caches", None)  # Triton >= 3.0: device -> (kernel cache, ...)
         if caches is not None:
             total += sum(len(entry[0]) for entry in caches.values())
         else:
             total += sum(len(c) for c in getattr(fn, "cache", {}).values())
     return total
+
+
+def compiled_variants() -> int:
+    """How many specializations of the engine's Triton kernels (this module's and kernels/fused.py's) have
+    been compiled in this process: a serving engine should reach its final count during warm-up."""
+    from phaselens.kernels import fused
+
+    return kernel_variants(_store_kv_kernel, _decode_kernel, _decode_reduce_kernel, _prefill_kernel) + \
+        fused.compiled_variants()
 
 
 def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

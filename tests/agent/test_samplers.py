@@ -289,7 +289,7 @@ def test_gpm_polls_stay_locked_under_refresh_jitter() -> None:
     refresh_ns = 100_000_000
     start = clock.t - clock.t % refresh_ns
     refreshes = [start + k * refresh_ns + rng.randint(-1_000_000, 1_000_000) for k in range(200)]
-    polls, seen, steady_polls = 0, [], 0
+    seen, steady_polls = [], 0
     next_due = clock.t
     while clock.t < start + 15 * 10**9:
         clock.t = next_due
