@@ -150,7 +150,8 @@ class Search:
         simulate: bool = True,
         run_s: float | None = None,
     ):
-        self.model = model.with_tp_degrees(cluster.candidate_tp(), cluster.model, cluster.dtype_bytes)
+        self.model = model.with_tp_degrees(cluster.candidate_tp(), cluster.model, cluster.dtype_bytes
+                                           ).with_peak_floor(cluster.model, cluster.gpu, cluster.dtype_bytes)
         self.workload = workload
         self.slo = slo
         self.cluster = cluster

@@ -223,6 +223,30 @@ class StepModel:
             )
         return replace(self, by_tp=by_tp, flags=flags)
 
+    def with_peak_floor(self, model: ModelConfig, gpu: GpuSpec, dtype_bytes: int = 2) -> "StepModel":
+        """A copy whose prefill cost per token is at least what the GPU's datasheet peak allows.
+
+        A trace whose prefill steps all have about the same length cannot separate a step's fixed cost from
+        its cost per token: the fit may put everything in the intercept and predict that longer prompts cost
+        nothing (a GPU demo's narrow trace did: "adds 0.0 ms of prefill", 98.7 req/s per GPU). No GPU
+        prefills faster than its peak FLOP rate (the projections' 2 FLOPs per weight per token, split over
+        the TP group), so a slope below that is raised to it, and flagged."""
+        h, L = model.hidden_size, model.num_layers
+        linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
+        by_tp = dict(self.by_tp)
+        raised = []
+        for tp, co in self.by_tp.items():
+            floor = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
+            if co.prefill.b < floor:
+                by_tp[tp] = replace(co, prefill=replace(co.prefill, b=floor))
+                raised.append(f"TP{tp} {co.prefill.b * 1e6:.3g} -> {floor * 1e6:.3g} us/token")
+        if not raised:
+            return self
+        return replace(self, by_tp=by_tp, flags=self.flags + (
+            f"prefill cost per token below what {gpu.name}'s peak ({gpu.peak_bf16_flops / 1e12:.0f} TFLOP/s) "
+            f"allows, raised to it ({'; '.join(raised)}): the trace's prompt lengths do not resolve it; "
+            "profile a spread of prompt lengths (bench/profile_steps.py)",))
+
     @property
     def host(self) -> HostGap:
         """The host gap of the measured instance shape (every TP degree carries the same one)."""

@@ -143,3 +143,23 @@ def test_h100_profile_holdout_error_under_5_percent():
         err = fit.holdout_error
         print({k: round(v, 4) for k, v in err.items()})
         assert err["prefill"] < 0.05 and err["decode"] < 0.05
+
+
+def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
+    # a trace of one prompt length cannot resolve the per-token cost: a fit that puts it all in the intercept
+    # (b = 0) would call longer prompts free; the search raises it to the datasheet peak's rate and says so
+    h100, model = gpu_spec("NVIDIA H100 80GB HBM3"), preset("llama-3.1-8b")
+    flat = StepModel.from_table({1: {"prefill": [0.040, 0.0, 0.0], "decode": [0.007, 4e-8, 9e-6]},
+                                 2: {"prefill": [0.030, 1e-3, 0.0], "decode": [0.005, 2e-8, 9e-6]}})
+    floored = flat.with_peak_floor(model, h100)
+    linear_params = model.num_parameters() - 2 * model.vocab_size * model.hidden_size  # no embeddings/head
+    assert floored.coefficients(1).prefill.b == pytest.approx(2 * linear_params / h100.peak_bf16_flops,
+                                                              rel=0.02)
+    assert floored.coefficients(2).prefill.b == 1e-3  # already slower than the peak allows: kept
+    assert floored.coefficients(1).prefill.a == 0.040 and floored.coefficients(1).decode == \
+        flat.coefficients(1).decode
+    assert any("raised to it" in f and "TP1" in f for f in floored.flags)
+    # the fitted H100 profile is far above the floor: no change, no flag
+    fitted = StepModel.fit(read_trace(Path(__file__).parents[1] / "fixtures" / "advisor" /
+                                      "steps_h100_8b.jsonl").steps, model=model)
+    assert fitted.with_peak_floor(model, h100) is fitted
