@@ -151,7 +151,7 @@ class Search:
         run_s: float | None = None,
     ):
         self.model = model.with_tp_degrees(cluster.candidate_tp(), cluster.model, cluster.dtype_bytes
-                                           ).with_peak_floor(cluster.model, cluster.gpu, cluster.dtype_bytes)
+                                           ).with_peak_floor(cluster.model, cluster.gpu)
         self.workload = workload
         self.slo = slo
         self.cluster = cluster

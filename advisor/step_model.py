@@ -223,8 +223,9 @@ class StepModel:
             )
         return replace(self, by_tp=by_tp, flags=flags)
 
-    def with_peak_floor(self, model: ModelConfig, gpu: GpuSpec, dtype_bytes: int = 2) -> "StepModel":
-        """A copy whose prefill cost per token is at least what the GPU's datasheet peak allows.
+    def with_peak_floor(self, model: ModelConfig, gpu: GpuSpec) -> "StepModel":
+        """A copy whose prefill cost per token (of prefill steps and of mixed steps) is at least what the
+        GPU's datasheet peak allows.
 
         A trace whose prefill steps all have about the same length cannot separate a step's fixed cost from
         its cost per token: the fit may put everything in the intercept and predict that longer prompts cost
@@ -238,8 +239,14 @@ class StepModel:
         for tp, co in self.by_tp.items():
             floor = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
             if co.prefill.b < floor:
-                by_tp[tp] = replace(co, prefill=replace(co.prefill, b=floor))
-                raised.append(f"TP{tp} {co.prefill.b * 1e6:.3g} -> {floor * 1e6:.3g} us/token")
+                co = replace(co, prefill=replace(co.prefill, b=floor))
+                raised.append(f"TP{tp} prefill {self.by_tp[tp].prefill.b * 1e6:.3g} -> {floor * 1e6:.3g} "
+                              "us/token")
+            # a mixed step's prefill tokens (a colocated GPU's chunked prefill) cost the same at least
+            if co.mixed is not None and co.mixed[1] < floor:
+                raised.append(f"TP{tp} mixed {co.mixed[1] * 1e6:.3g} -> {floor * 1e6:.3g} us/prefill token")
+                co = replace(co, mixed=(co.mixed[0], floor, *co.mixed[2:]))
+            by_tp[tp] = co
         if not raised:
             return self
         return replace(self, by_tp=by_tp, flags=self.flags + (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,11 @@ def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
     assert floored.coefficients(2).prefill.b == 1e-3  # already slower than the peak allows: kept
     assert floored.coefficients(1).prefill.a == 0.040 and floored.coefficients(1).decode == \
         flat.coefficients(1).decode
-    assert any("raised to it" in f and "TP1" in f for f in floored.flags)
+    assert any("raised to it" in f and "TP1 prefill" in f for f in floored.flags)
+    # a mixed step's prefill tokens likewise (the colocated GPU's chunked prefill)
+    co = flat.coefficients(1)
+    mixed = replace(flat, by_tp={1: replace(co, mixed=(0.01, 1e-7, 0.0, 4e-8, 9e-6))})
+    assert mixed.with_peak_floor(model, h100).coefficients(1).mixed[1] == floored.coefficients(1).prefill.b
     # the fitted H100 profile is far above the floor: no change, no flag
     fitted = StepModel.fit(read_trace(Path(__file__).parents[1] / "fixtures" / "advisor" /
                                       "steps_h100_8b.jsonl").steps, model=model)
