@@ -103,6 +103,9 @@ class StepCoefficients:
     source: str = "fit"
     #: host time before each step (the GPU intervals above do not include it); zero unless fitted
     host: HostGap = field(default_factory=HostGap)
+    #: mean prefill tokens of the fitted prefill and mixed steps (0: not fitted); where the fit is pinned
+    prefill_tokens_mean: float = 0.0
+    mixed_tokens_mean: float = 0.0
 
     def prefill_time(self, sum_l: float, sum_quad: float) -> float:
         p = self.prefill
@@ -231,7 +234,10 @@ class StepModel:
         its cost per token: the fit may put everything in the intercept and predict that longer prompts cost
         nothing (a GPU demo's narrow trace did: "adds 0.0 ms of prefill", 98.7 req/s per GPU). No GPU
         prefills faster than its peak FLOP rate (the projections' 2 FLOPs per weight per token, split over
-        the TP group), so a slope below that is raised to it, and flagged."""
+        the TP group), so a slope below that is raised to it, and flagged. The intercept gives back what the
+        steeper slope adds at the fitted steps' mean length (no lower than zero), so the model still predicts
+        the steps it was fitted on: otherwise a batch of prompts in one step would share an intercept that is
+        really per-token work."""
         h, L = model.hidden_size, model.num_layers
         linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
         by_tp = dict(self.by_tp)
@@ -239,13 +245,15 @@ class StepModel:
         for tp, co in self.by_tp.items():
             floor = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
             if co.prefill.b < floor:
-                co = replace(co, prefill=replace(co.prefill, b=floor))
+                a = max(0.0, co.prefill.a - (floor - co.prefill.b) * co.prefill_tokens_mean)
+                co = replace(co, prefill=replace(co.prefill, a=a, b=floor))
                 raised.append(f"TP{tp} prefill {self.by_tp[tp].prefill.b * 1e6:.3g} -> {floor * 1e6:.3g} "
                               "us/token")
             # a mixed step's prefill tokens (a colocated GPU's chunked prefill) cost the same at least
             if co.mixed is not None and co.mixed[1] < floor:
                 raised.append(f"TP{tp} mixed {co.mixed[1] * 1e6:.3g} -> {floor * 1e6:.3g} us/prefill token")
-                co = replace(co, mixed=(co.mixed[0], floor, *co.mixed[2:]))
+                a = max(0.0, co.mixed[0] - (floor - co.mixed[1]) * co.mixed_tokens_mean)
+                co = replace(co, mixed=(a, floor, *co.mixed[2:]))
             by_tp[tp] = co
         if not raised:
             return self
@@ -413,6 +421,8 @@ class StepModel:
             mixed_floor=fits["mixed"].fit.floor if "mixed" in fits else 0.0,
             source="fit",
             host=HostGap.fit(steps),
+            prefill_tokens_mean=float(data.prefill_x[:, 1].mean()),
+            mixed_tokens_mean=float(data.mixed_x[:, 1].mean()) if mixed is not None else 0.0,
         )
         if co.host.fitted:
             flags.append(co.host.describe())
@@ -739,6 +749,8 @@ def extrapolate_tp(
         source=f"extrapolated from TP{base.tp} {base.source}",
         # the host work per step is the engine's, not the GPUs': the same at any TP degree
         host=base.host,
+        prefill_tokens_mean=base.prefill_tokens_mean,
+        mixed_tokens_mean=base.mixed_tokens_mean,
     )
 
 

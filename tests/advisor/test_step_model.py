@@ -158,7 +158,12 @@ def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
                                                               rel=0.02)
     assert floored.coefficients(2).prefill.b == 1e-3  # already slower than the peak allows: kept
     assert floored.coefficients(1).prefill.a == 0.040 and floored.coefficients(1).decode == \
-        flat.coefficients(1).decode
+        flat.coefficients(1).decode  # no fitted mean length to pin the line at: the intercept stays
+    # a fitted line keeps its prediction at the fitted steps' mean length: the intercept gives it back
+    pinned = replace(flat, by_tp={1: replace(flat.coefficients(1), prefill_tokens_mean=1000.0)})
+    raised = pinned.with_peak_floor(model, h100).coefficients(1)
+    assert raised.prefill_time(1000.0, 0.0) == pytest.approx(0.040)
+    assert raised.prefill_time(2000.0, 0.0) == pytest.approx(0.040 + 1000 * raised.prefill.b)
     assert any("raised to it" in f and "TP1 prefill" in f for f in floored.flags)
     # a mixed step's prefill tokens likewise (the colocated GPU's chunked prefill)
     co = flat.coefficients(1)
