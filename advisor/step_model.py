@@ -227,39 +227,41 @@ class StepModel:
         return replace(self, by_tp=by_tp, flags=flags)
 
     def with_peak_floor(self, model: ModelConfig, gpu: GpuSpec) -> "StepModel":
-        """A copy whose prefill cost per token (of prefill steps and of mixed steps) is at least what the
-        GPU's datasheet peak allows.
+        """A copy whose prefill cost per token (of prefill steps and of mixed steps) is physically possible.
 
         A trace whose prefill steps all have about the same length cannot separate a step's fixed cost from
         its cost per token: the fit may put everything in the intercept and predict that longer prompts cost
         nothing (a GPU demo's narrow trace did: "adds 0.0 ms of prefill", 98.7 req/s per GPU). No GPU
         prefills faster than its peak FLOP rate (the projections' 2 FLOPs per weight per token, split over
-        the TP group), so a slope below that is raised to it, and flagged. The intercept gives back what the
-        steeper slope adds at the fitted steps' mean length (no lower than zero), so the model still predicts
-        the steps it was fitted on: otherwise a batch of prompts in one step would share an intercept that is
+        the TP group). A slope below that was not measured, so the roofline fallback's slope stands in for it
+        (the same FLOPs at ``ROOFLINE_MFU`` of the peak), flagged. The intercept gives back what the steeper
+        slope adds at the fitted steps' mean length (no lower than zero), so the model still predicts the
+        steps it was fitted on: otherwise a batch of prompts in one step would share an intercept that is
         really per-token work."""
         h, L = model.hidden_size, model.num_layers
         linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
         by_tp = dict(self.by_tp)
         raised = []
         for tp, co in self.by_tp.items():
-            floor = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
-            if co.prefill.b < floor:
-                a = max(0.0, co.prefill.a - (floor - co.prefill.b) * co.prefill_tokens_mean)
-                co = replace(co, prefill=replace(co.prefill, a=a, b=floor))
-                raised.append(f"TP{tp} prefill {self.by_tp[tp].prefill.b * 1e6:.3g} -> {floor * 1e6:.3g} "
-                              "us/token")
-            # a mixed step's prefill tokens (a colocated GPU's chunked prefill) cost the same at least
-            if co.mixed is not None and co.mixed[1] < floor:
-                raised.append(f"TP{tp} mixed {co.mixed[1] * 1e6:.3g} -> {floor * 1e6:.3g} us/prefill token")
-                a = max(0.0, co.mixed[0] - (floor - co.mixed[1]) * co.mixed_tokens_mean)
-                co = replace(co, mixed=(a, floor, *co.mixed[2:]))
+            at_peak = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
+            roofline = at_peak / ROOFLINE_MFU
+            if co.prefill.b < at_peak:
+                a = max(0.0, co.prefill.a - (roofline - co.prefill.b) * co.prefill_tokens_mean)
+                raised.append(f"TP{tp} prefill {co.prefill.b * 1e6:.3g} -> {roofline * 1e6:.3g} us/token")
+                co = replace(co, prefill=replace(co.prefill, a=a, b=roofline))
+            # a mixed step's prefill tokens (a colocated GPU's chunked prefill) likewise
+            if co.mixed is not None and co.mixed[1] < at_peak:
+                raised.append(f"TP{tp} mixed {co.mixed[1] * 1e6:.3g} -> {roofline * 1e6:.3g} "
+                              "us/prefill token")
+                a = max(0.0, co.mixed[0] - (roofline - co.mixed[1]) * co.mixed_tokens_mean)
+                co = replace(co, mixed=(a, roofline, *co.mixed[2:]))
             by_tp[tp] = co
         if not raised:
             return self
         return replace(self, by_tp=by_tp, flags=self.flags + (
-            f"prefill cost per token below what {gpu.name}'s peak ({gpu.peak_bf16_flops / 1e12:.0f} TFLOP/s) "
-            f"allows, raised to it ({'; '.join(raised)}): the trace's prompt lengths do not resolve it; "
+            f"prefill cost per token below what {gpu.name}'s peak "
+            f"({gpu.peak_bf16_flops / 1e12:.0f} TFLOP/s) allows: not resolved by the trace's prompt lengths; "
+            f"the roofline's slope (MFU {ROOFLINE_MFU:.0%} assumed) stands in ({'; '.join(raised)}); "
             "profile a spread of prompt lengths (bench/profile_steps.py)",))
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phaselens.advisor.step_model import MIN_STEPS_PER_PHASE, NotEnoughStepsError, StepModel
+from phaselens.advisor.step_model import MIN_STEPS_PER_PHASE, ROOFLINE_MFU, NotEnoughStepsError, StepModel
 from phaselens.engine.config import preset
 from phaselens.gpus import gpu_spec
 from phaselens.phase import Clock, Phase, Role
@@ -148,15 +148,15 @@ def test_h100_profile_holdout_error_under_5_percent():
 
 def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
     # a trace of one prompt length cannot resolve the per-token cost: a fit that puts it all in the intercept
-    # (b = 0) would call longer prompts free; the search raises it to the datasheet peak's rate and says so
+    # (b = 0) would call longer prompts free; below the datasheet peak's rate, the roofline's slope stands in
     h100, model = gpu_spec("NVIDIA H100 80GB HBM3"), preset("llama-3.1-8b")
     flat = StepModel.from_table({1: {"prefill": [0.040, 0.0, 0.0], "decode": [0.007, 4e-8, 9e-6]},
                                  2: {"prefill": [0.030, 1e-3, 0.0], "decode": [0.005, 2e-8, 9e-6]}})
     floored = flat.with_peak_floor(model, h100)
     linear_params = model.num_parameters() - 2 * model.vocab_size * model.hidden_size  # no embeddings/head
-    assert floored.coefficients(1).prefill.b == pytest.approx(2 * linear_params / h100.peak_bf16_flops,
-                                                              rel=0.02)
-    assert floored.coefficients(2).prefill.b == 1e-3  # already slower than the peak allows: kept
+    roofline_b = 2 * linear_params / h100.peak_bf16_flops / ROOFLINE_MFU
+    assert floored.coefficients(1).prefill.b == pytest.approx(roofline_b, rel=0.02)
+    assert floored.coefficients(2).prefill.b == 1e-3  # slower than the peak allows: measured, kept
     assert floored.coefficients(1).prefill.a == 0.040 and floored.coefficients(1).decode == \
         flat.coefficients(1).decode  # no fitted mean length to pin the line at: the intercept stays
     # a fitted line keeps its prediction at the fitted steps' mean length: the intercept gives it back
@@ -164,7 +164,7 @@ def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
     raised = pinned.with_peak_floor(model, h100).coefficients(1)
     assert raised.prefill_time(1000.0, 0.0) == pytest.approx(0.040)
     assert raised.prefill_time(2000.0, 0.0) == pytest.approx(0.040 + 1000 * raised.prefill.b)
-    assert any("raised to it" in f and "TP1 prefill" in f for f in floored.flags)
+    assert any("roofline's slope" in f and "TP1 prefill" in f for f in floored.flags)
     # a mixed step's prefill tokens likewise (the colocated GPU's chunked prefill)
     co = flat.coefficients(1)
     mixed = replace(flat, by_tp={1: replace(co, mixed=(0.01, 1e-7, 0.0, 4e-8, 9e-6))})
