@@ -1,4 +1,4 @@
-"""The prediction side of "advisor against reality" (issue 8): predicted goodput of colocated and split.
+"""The prediction side of "advisor against reality" (issues 8, 11): predicted goodput of colocated and split.
 
 :func:`predict_goodput` takes what a validation run knows before it measures anything: the step profile (a
 trace), the workload's length distributions (fixed, or lognormal as the load generator draws them) or a
@@ -11,18 +11,26 @@ and at +-25%); the goodputs themselves do not depend on it. With ``rate=None`` t
 colocated goodput, i.e. the load the G GPUs just carry colocated, which is where the question "would a split
 do better" is asked. :attr:`Prediction.command` is the ``phaselens advise`` command line that reports the
 same figures (its ``--json`` has them under ``predicted_goodput_rps`` and ``verdict``).
+
+With ``every_placement=True`` (issue 11: four GPUs, four configurations measured) it also simulates every
+placement of the GPUs at TP ``tp``, not only the two finalists the advisor reports: colocated (all GPUs as
+replicas) and each split ``p:d`` (``p`` prefill and ``d`` decode instances), each the way the search
+simulates a finalist (:meth:`Search.finalize` on the closed-form candidate of exactly that placement), in
+:attr:`Prediction.placements` under :func:`placement_names`. :func:`rank` and :func:`top_two_match` are
+issue 11's acceptance rule: the advisor's top two configurations, in order, are the measured top two.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 from phaselens.advisor.inputs import Cluster, Slo
-from phaselens.advisor.search import Advice, Search
+from phaselens.advisor.screen import Candidate, Placement, Screen
+from phaselens.advisor.search import Advice, Finalist, Search
 from phaselens.advisor.step_model import StepModel
 from phaselens.advisor.workload import Workload
 
@@ -49,6 +57,14 @@ class Prediction:
     #: the ``phaselens advise`` command line giving the same figures
     command: list[str]
     advice: Advice
+    #: simulated goodput (req/s, all GPUs) of every placement at TP ``tp`` by :func:`placement_names`
+    #: ("colocated", "1:3", "2:2", ...); empty unless ``every_placement`` was asked for
+    placements: dict[str, float] = field(default_factory=dict)
+    #: the advisor's label of each of those placements ("split P 1xTP1 : D 3xTP1", ...)
+    placement_labels: dict[str, str] = field(default_factory=dict)
+    #: each placement's goodput per simulation seed (the mean is :attr:`placements`): how far one run of it
+    #: may land from the mean
+    placement_by_seed: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def split_gain(self) -> float | None:
@@ -70,7 +86,44 @@ class Prediction:
             "rejections": list(self.advice.rejections),
             "step_model_error": dict(self.advice.model.holdout_error),
             "command": " ".join(self.command),
+            "placements": dict(self.placements),
+            "placement_labels": dict(self.placement_labels),
+            "placement_by_seed": {k: list(v) for k, v in self.placement_by_seed.items()},
+            "ranking": rank(self.placements),
         }
+
+
+def placement_name(pl: Placement) -> str:
+    """The stable name of a colocated or split placement: ``colocated``, or ``P:D`` instance counts."""
+    if pl.kind == "colocated":
+        return "colocated"
+    if pl.kind == "split":
+        return f"{pl.n_p}:{pl.n_d}"
+    raise ValueError(f"no configuration name for a {pl.kind} placement ({pl.label})")
+
+
+def placement_names(gpus: int, tp: int = 1) -> list[str]:
+    """Every colocated or split configuration of ``gpus`` GPUs in TP-``tp`` instances, colocated first, then
+    splits by prefill instances: ``["colocated", "1:3", "2:2", "3:1"]`` for 4 GPUs at TP1."""
+    if tp < 1 or gpus < tp:
+        raise ValueError(f"{gpus} GPU(s) hold no TP{tp} instance")
+    n = gpus // tp
+    return ["colocated"] + [f"{p}:{n - p}" for p in range(1, n)]
+
+
+def rank(goodputs: Mapping[str, float | None]) -> list[str]:
+    """Configuration names, highest goodput first (a missing figure counts as 0; ties keep the given
+    order)."""
+    return sorted(goodputs, key=lambda k: -(goodputs[k] or 0.0))
+
+
+def top_two_match(predicted: Mapping[str, float | None], measured: Mapping[str, float | None]) -> bool:
+    """Issue 11's ranking rule: over the configurations both name, the predicted best two are the measured
+    best two, in the same order."""
+    common = [k for k in measured if k in predicted]
+    if len(common) < 2:
+        raise ValueError(f"the rule compares at least two configurations, got {common}")
+    return rank({k: predicted[k] for k in common})[:2] == rank({k: measured[k] for k in common})[:2]
 
 
 def length_spec(dist: Lengths) -> str:
@@ -118,6 +171,7 @@ def predict_goodput(
     seeds: int = 2,
     n_requests: int = 1000,
     run_s: float | None = None,
+    every_placement: bool = False,
 ) -> Prediction:
     """Predicted goodput (req/s, all GPUs) of the best colocated placement and the best split on ``gpus``
     GPUs at TP ``tp``, and the advisor's verdict.
@@ -136,6 +190,8 @@ def predict_goodput(
     ``run_s``: simulate load runs of that many seconds of arrivals, as the measurement's goodput search ran
     them (short runs let a queue build less: a TTFT-limited mode passes higher rates), instead of
     ``n_requests``-request runs (steady state).
+    ``every_placement``: also simulate every colocated and split placement of the GPUs at TP ``tp``
+    (:attr:`Prediction.placements`); the two finalists are not simulated twice.
     Raises :class:`~phaselens.advisor.inputs.InputError` or ``ValueError`` naming a bad input.
     """
     from phaselens.advisor.commands import calibrate_serving, estimate_ttft_overhead
@@ -212,7 +268,10 @@ def predict_goodput(
         return Search(step_model, wl, slo, cluster, seeds=tuple(range(seeds)), n_requests=n_requests,
                       run_s=run_s)
 
-    advice = search(workload).run()
+    first = search(workload)
+    advice = first.run()
+    # simulated before the verdict's second pass: its goodputs are the first pass's finalists' too
+    every = _every_placement(first, advice, tp) if every_placement else {}
     if rate is None:
         # judge the verdict at the load the GPUs just carry colocated (the goodputs do not depend on it)
         at = next((f.goodput for f in (advice.colocated, advice.split) if f is not None and f.goodput > 0),
@@ -236,7 +295,60 @@ def predict_goodput(
         rate_rps=workload.rate,
         command=cmd,
         advice=advice,
+        placements={name: f.goodput for name, f in every.items()},
+        placement_labels={name: f.placement.label for name, f in every.items()},
+        placement_by_seed={name: list(f.goodputs) for name, f in every.items()},
     )
 
 
-__all__ = ["Prediction", "predict_goodput", "length_spec"]
+def _split_candidate(sc: Screen, tp: int, n_p: int, n_d: int) -> Candidate:
+    """The closed-form candidate of exactly ``n_p`` prefill and ``n_d`` decode TP-``tp`` instances.
+
+    The screen keeps only the best integer split per TP pair (``Screen._best_pair``); this is its arithmetic
+    for one given pair, so a placement the screen passed over is simulated from the same starting point
+    (``Search.sim_goodput`` brackets from the candidate's goodput) as one it picked.
+    """
+    fp, fd = sc.prefill_goodput(tp), sc.decode_goodput(tp)
+    gp, gd = fp.goodput, fd.goodput
+    good = min(n_p * gp, n_d * gd) if gp > 0 and gd > 0 else 0.0
+    gpus = (n_p + n_d) * tp
+    ideal = (1.0 / (tp / gp + tp / gd) if math.isfinite(gp) else gd / tp) if gp > 0 and gd > 0 else 0.0
+    limit = fp.limit if n_p * gp <= n_d * gd else fd.limit
+    details = {"prefill_instance_goodput": gp, "decode_instance_goodput": gd,
+               "prefill": fp.details, "decode": fd.details}
+    return Candidate(Placement("split", n_p=n_p, tp_p=tp, n_d=n_d, tp_d=tp), good, good / gpus, ideal, limit,
+                     details)
+
+
+def _every_placement(search: Search, advice: Advice, tp: int) -> dict[str, Finalist]:
+    """Every colocated and split placement of the cluster's GPUs at TP ``tp``, simulated as finalists are.
+
+    Colocated is the screen's best colocated candidate of all GPUs at that TP (with the engine's chunk
+    budget fixed, the only one); a placement the search already simulated as a finalist is taken from it.
+    """
+    sc = search.screen()
+    n = search.cluster.gpus // tp
+    if tp not in sc.usable_tp():
+        raise ValueError(f"TP{tp} is not a usable degree here (the model does not fit, or no step model)")
+    done = [f for f in (advice.colocated, advice.split) if f is not None]
+
+    def simulated(cand: Candidate) -> Finalist:
+        same = next((f for f in done if f.placement == cand.placement), None)
+        return same if same is not None else search.finalize(cand)
+
+    out: dict[str, Finalist] = {}
+    colo = [c for c in sc.colocated() if c.placement.tp_d == tp and c.placement.n_d == n]
+    if advice.colocated is not None and advice.colocated.placement in [c.placement for c in colo]:
+        out["colocated"] = advice.colocated  # the finalist: the best simulated chunk budget
+    elif colo:
+        out["colocated"] = simulated(colo[0])
+    for n_p in range(1, n):
+        fin = simulated(_split_candidate(sc, tp, n_p, n - n_p))
+        out[placement_name(fin.placement)] = fin
+    log.info("every placement of %d GPUs at TP%d: %s", search.cluster.gpus, tp,
+             ", ".join(f"{k} {f.goodput:.3g} req/s" for k, f in out.items()))
+    return out
+
+
+__all__ = ["Prediction", "predict_goodput", "length_spec", "placement_name", "placement_names", "rank",
+           "top_two_match"]

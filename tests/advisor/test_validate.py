@@ -1,8 +1,9 @@
-"""advisor/validate.py: the prediction side of issue 8 on the checked-in H100 8B profile, on CPU.
+"""advisor/validate.py: the prediction side of issues 8 and 11 on the checked-in H100 8B profile, on CPU.
 
 Two GPUs at TP1, the issue's two workloads (about 4k/300 and 200/200 tokens, lognormal as the load generator
 draws them), the server's chunk budget and sequence cap: predicted goodput of colocated (two replicas) and
-split (one prefill, one decode), the verdict, and the same figures from ``phaselens advise --json``.
+split (one prefill, one decode), the verdict, and the same figures from ``phaselens advise --json``. Four
+GPUs (issue 11): every placement simulated (colocated, 1:3, 2:2, 3:1), and the ranking rule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from phaselens.advisor.inputs import Cluster, InputError, Slo
 from phaselens.advisor.screen import Placement, Screen
 from phaselens.advisor.simulator import Simulator
 from phaselens.advisor.step_model import StepModel
-from phaselens.advisor.validate import length_spec, predict_goodput
+from phaselens.advisor.search import Search
+from phaselens.advisor.validate import (_split_candidate, length_spec, placement_name, placement_names,
+                                        predict_goodput, rank, top_two_match)
 from phaselens.advisor.workload import Workload, _lengths
 from phaselens.cli import cli
 from phaselens.engine.config import preset
@@ -117,3 +120,73 @@ def test_bad_inputs_are_named():
         Cluster(gpus=2, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"), chunk_budget=-1)
     with pytest.raises(InputError, match="max sequences"):
         Cluster(gpus=2, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"), max_num_seqs=0)
+
+
+# ---------------------------------------------------------------------- every placement (issue 11)
+
+FOUR = dict(SERVER, gpus=4, n_requests=200)
+
+
+@pytest.fixture(scope="module")
+def four_gpus():
+    return predict_goodput(PROFILE, **LONG, **FOUR, every_placement=True)
+
+
+def test_every_placement_of_four_gpus_is_simulated(four_gpus):
+    p = four_gpus
+    assert list(p.placements) == ["colocated", "1:3", "2:2", "3:1"] == placement_names(4)
+    assert p.placement_labels == {"colocated": "colocated 4xTP1 chunk 2048", "1:3": "split P 1xTP1 : D 3xTP1",
+                                  "2:2": "split P 2xTP1 : D 2xTP1", "3:1": "split P 3xTP1 : D 1xTP1"}
+    assert all(v > 0 for v in p.placements.values())
+    assert {k: len(v) for k, v in p.placement_by_seed.items()} == dict.fromkeys(p.placements, 1)
+    # the finalists are the same simulations, not a second run of them
+    assert p.placements["colocated"] == p.colocated_rps
+    assert p.split_label in p.placement_labels.values()
+    assert p.placements[next(k for k, v in p.placement_labels.items() if v == p.split_label)] == p.split_rps
+    # 4k-token prompts on one prefill GPU: TTFT-bound at about one GPU's prefill rate, below an even split
+    assert p.placements["1:3"] < p.placements["2:2"]
+    d = p.to_dict()
+    assert d["placements"] == p.placements and d["ranking"] == rank(p.placements)
+    assert json.dumps(d)
+
+
+def test_every_placement_is_off_by_default(predictions):
+    assert predictions["long"].placements == {} and predictions["long"].placement_labels == {}
+
+
+def test_a_placement_the_screen_passed_over_starts_from_the_screens_arithmetic():
+    """``_split_candidate`` restates the screen's integer-split arithmetic for one given split: on the split
+    the screen picks, it gives the screen's own candidate (so every placement is bracketed alike)."""
+    model = StepModel.fit(read_trace(PROFILE).steps, model=preset("llama-3.1-8b"))
+    wl = Workload.from_spec("rate=4,prompt=lognormal_median:4000:0.1:3500:4500,output=fixed:300")
+    for gpus in (2, 3, 4, 6):
+        cl = Cluster(gpus=gpus, gpu=gpu_spec("NVIDIA H100 80GB HBM3"), model=preset("llama-3.1-8b"),
+                     tp_degrees=(1,), chunk_budget=2048, max_num_seqs=64)
+        sc = Search(model, wl, Slo(1.5, 0.02, attainment=0.9), cl).screen()
+        best = sc.split()[0]
+        mine = _split_candidate(sc, 1, best.placement.n_p, best.placement.n_d)
+        assert mine.placement == best.placement
+        assert (mine.goodput, mine.per_gpu, mine.ideal_per_gpu) == pytest.approx(
+            (best.goodput, best.per_gpu, best.ideal_per_gpu), rel=1e-12), gpus
+        assert mine.limit == best.limit and mine.details.keys() == best.details.keys()
+        assert placement_name(mine.placement) == f"{best.placement.n_p}:{best.placement.n_d}"
+
+
+def test_placement_names_and_the_ranking_rule():
+    assert placement_names(2) == ["colocated", "1:1"]
+    assert placement_names(8, tp=2) == ["colocated", "1:3", "2:2", "3:1"]
+    with pytest.raises(ValueError, match="TP4"):
+        placement_names(2, tp=4)
+    pred = {"colocated": 17.7, "1:3": 9.0, "2:2": 18.4, "3:1": 16.4}
+    assert rank(pred) == ["2:2", "colocated", "3:1", "1:3"]
+    assert rank({"a": None, "b": 1.0}) == ["b", "a"]
+    # the top two in order; the rest may differ
+    assert top_two_match(pred, {"colocated": 16.0, "1:3": 12.0, "2:2": 19.0, "3:1": 11.0})
+    assert not top_two_match(pred, {"colocated": 19.0, "1:3": 9.0, "2:2": 18.0, "3:1": 11.0})
+    assert not top_two_match(pred, {"colocated": 16.0, "1:3": 9.0, "2:2": 19.0, "3:1": 17.0})
+    # over the configurations measured (a call that measured some of them)
+    assert top_two_match(pred, {"colocated": 16.0, "3:1": 15.0})
+    with pytest.raises(ValueError, match="at least two"):
+        top_two_match(pred, {"colocated": 16.0})
+    with pytest.raises(ValueError, match="conditional"):
+        placement_name(Placement("conditional", 1, 1, 1, 1, chunk=2048, threshold=100))
