@@ -488,7 +488,6 @@ class Screen:
         g_total = self.cluster.gpus
         if gp <= 0 or gd <= 0 or tp_p + tp_d > g_total:
             return None
-        ideal = 1.0 / (tp_p / gp + tp_d / gd) if math.isfinite(gp) else gd / tp_d
         n_p = np.arange(1, (g_total - tp_d) // tp_p + 1)
         if len(n_p) == 0:
             return None
@@ -503,16 +502,37 @@ class Screen:
             if best is None or per[i] > best[0] + 1e-12:
                 best = (float(per[i]), float(good[i]), int(n_p[i]), int(n_d[i]))
         assert best is not None
-        per, good, n_pp, n_dd = best
-        limit = fp.limit if n_pp * gp <= n_dd * gd else fd.limit
-        pl = Placement(kind, n_p=n_pp, tp_p=tp_p, n_d=n_dd, tp_d=tp_d, chunk=chunk, threshold=threshold)
+        return self.pair_candidate(kind, tp_p, fp, tp_d, fd, best[2], best[3], chunk=chunk,
+                                   threshold=threshold)
+
+    @staticmethod
+    def pair_candidate(
+        kind: str,
+        tp_p: int,
+        fp: InstanceFit,
+        tp_d: int,
+        fd: InstanceFit,
+        n_p: int,
+        n_d: int,
+        *,
+        chunk: int | None = None,
+        threshold: int | None = None,
+    ) -> Candidate:
+        """The candidate of exactly ``n_p`` prefill and ``n_d`` decode instances (the pools' smaller rate;
+        per GPU over all of theirs; ``ideal``: fractional pools)."""
+        gp, gd = fp.goodput, fd.goodput
+        good = min(n_p * gp, n_d * gd) if gp > 0 and gd > 0 else 0.0
+        ideal = (1.0 / (tp_p / gp + tp_d / gd) if math.isfinite(gp) else gd / tp_d) if gp > 0 and gd > 0 \
+            else 0.0
+        limit = fp.limit if n_p * gp <= n_d * gd else fd.limit
+        pl = Placement(kind, n_p=n_p, tp_p=tp_p, n_d=n_d, tp_d=tp_d, chunk=chunk, threshold=threshold)
         details = {
             "prefill_instance_goodput": gp,
             "decode_instance_goodput": gd,
             "prefill": fp.details,
             "decode": fd.details,
         }
-        return Candidate(pl, good, per, ideal, limit, details)
+        return Candidate(pl, good, good / (n_p * tp_p + n_d * tp_d), ideal, limit, details)
 
     def gpus_needed(self, rate: float, cand: Candidate) -> int | None:
         """GPUs the candidate's instance shapes need to serve ``rate`` req/s (any cluster size)."""

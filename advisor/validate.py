@@ -302,22 +302,10 @@ def predict_goodput(
 
 
 def _split_candidate(sc: Screen, tp: int, n_p: int, n_d: int) -> Candidate:
-    """The closed-form candidate of exactly ``n_p`` prefill and ``n_d`` decode TP-``tp`` instances.
-
-    The screen keeps only the best integer split per TP pair (``Screen._best_pair``); this is its arithmetic
-    for one given pair, so a placement the screen passed over is simulated from the same starting point
-    (``Search.sim_goodput`` brackets from the candidate's goodput) as one it picked.
-    """
-    fp, fd = sc.prefill_goodput(tp), sc.decode_goodput(tp)
-    gp, gd = fp.goodput, fd.goodput
-    good = min(n_p * gp, n_d * gd) if gp > 0 and gd > 0 else 0.0
-    gpus = (n_p + n_d) * tp
-    ideal = (1.0 / (tp / gp + tp / gd) if math.isfinite(gp) else gd / tp) if gp > 0 and gd > 0 else 0.0
-    limit = fp.limit if n_p * gp <= n_d * gd else fd.limit
-    details = {"prefill_instance_goodput": gp, "decode_instance_goodput": gd,
-               "prefill": fp.details, "decode": fd.details}
-    return Candidate(Placement("split", n_p=n_p, tp_p=tp, n_d=n_d, tp_d=tp), good, good / gpus, ideal, limit,
-                     details)
+    """The closed-form candidate of exactly ``n_p`` prefill and ``n_d`` decode TP-``tp`` instances: the screen
+    keeps only the best integer split per TP pair; a placement it passed over is simulated from the same kind
+    of starting point (``Search.sim_goodput`` brackets from the candidate's goodput) as one it picked."""
+    return sc.pair_candidate("split", tp, sc.prefill_goodput(tp), tp, sc.decode_goodput(tp), n_p, n_d)
 
 
 def _every_placement(search: Search, advice: Advice, tp: int) -> dict[str, Finalist]:
