@@ -238,12 +238,10 @@ class StepModel:
         slope adds at the fitted steps' mean length (no lower than zero), so the model still predicts the
         steps it was fitted on: otherwise a batch of prompts in one step would share an intercept that is
         really per-token work."""
-        h, L = model.hidden_size, model.num_layers
-        linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
         by_tp = dict(self.by_tp)
         raised = []
         for tp, co in self.by_tp.items():
-            at_peak = 2.0 * L * linear / (gpu.peak_bf16_flops * tp)
+            at_peak = _projection_flops_per_token(model) / (gpu.peak_bf16_flops * tp)
             roofline = at_peak / ROOFLINE_MFU
             if co.prefill.b < at_peak:
                 a = max(0.0, co.prefill.a - (roofline - co.prefill.b) * co.prefill_tokens_mean)
@@ -689,14 +687,20 @@ def _weight_bytes(model: ModelConfig, dtype_bytes: int) -> float:
     return float(model.num_parameters() * dtype_bytes)
 
 
+def _projection_flops_per_token(model: ModelConfig) -> float:
+    """FLOPs of one token through every layer's projections (q/k/v, o, gate/up/down): 2 per weight."""
+    h = model.hidden_size
+    linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
+    return 2.0 * model.num_layers * linear
+
+
 def roofline_coefficients(model: ModelConfig, gpu: GpuSpec, dtype_bytes: int = 2) -> StepCoefficients:
     """TP1 coefficients from FLOPs and bytes at assumed sustained fractions of the datasheet peaks."""
     flops_s = gpu.peak_bf16_flops * ROOFLINE_MFU
     bytes_s = gpu.peak_dram_bytes_per_s * ROOFLINE_MBU
     h, L = model.hidden_size, model.num_layers
-    linear = h * (model.q_size + 2 * model.kv_size) + model.q_size * h + 3 * h * model.intermediate_size
     weights_t = _weight_bytes(model, dtype_bytes) / bytes_s
-    per_token = 2.0 * L * linear / flops_s
+    per_token = _projection_flops_per_token(model) / flops_s
     # attention: 4*L*q FLOPs per query-key pair; pairs ~ sum(l^2 + 2lp)/2
     per_quad = 2.0 * L * model.q_size / flops_s
     kv_per_ctx = model.kv_bytes_per_token(dtype_bytes) / bytes_s

@@ -59,7 +59,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for positions ``0 .. max_positions-1``, applied in the ``rotate_half`` layout."""
+    """cos/sin tables for positions ``0 .. max_positions-1``, applied in the ``rotate_half`` layout by
+    ``phaselens.kernels.rotate``."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -79,11 +80,6 @@ class Rotary(nn.Module):
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin ``[T, 1, head_dim]`` of ``positions [T]``, looked up once per forward."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [T, heads, head_dim]`` rotated (HF's ``rotate_half`` layout; one fused kernel on CUDA)."""
-        return rotate(x, cos, sin)
 
 
 def _param(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
@@ -108,7 +104,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_proj)
         # q and k are adjacent in the fused projection: rotate both heads at once
-        qk = Rotary.rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
+        qk = rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         return qk[:, :self.num_heads], qk[:, self.num_heads:], v
 
@@ -129,7 +125,6 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
         self.gate_up_proj = _param(2 * config.intermediate_size, config.hidden_size, device=device,
                                    dtype=dtype)
         self.down_proj = _param(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)

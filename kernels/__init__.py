@@ -41,13 +41,18 @@ def cuda_attention_backend() -> str:
     return _cuda_backend
 
 
+def _import_triton(name: str) -> ModuleType:
+    """``phaselens.kernels.<name>``, a Triton module; a clear error where Triton is not installed."""
+    try:
+        return importlib.import_module(f"phaselens.kernels.{name}")
+    except ImportError as e:  # torch's CUDA wheels ship triton; a build without it cannot run the kernels
+        raise RuntimeError(f"CUDA steps need Triton ({e}); install triton or select the torch reference "
+                           "with phaselens.kernels.set_cuda_attention_backend('torch')") from e
+
+
 @functools.cache
 def _triton_kernels() -> ModuleType:
-    try:
-        mod = importlib.import_module("phaselens.kernels.paged_attention")
-    except ImportError as e:  # torch's CUDA wheels ship triton; a build without it cannot run the kernels
-        raise RuntimeError(f"CUDA attention needs Triton ({e}); install triton or select the torch "
-                           "reference with phaselens.kernels.set_cuda_attention_backend('torch')") from e
+    mod = _import_triton("paged_attention")
     # importing the submodule rebinds the package's `paged_attention` to it: the seam keeps the name
     globals()["paged_attention"] = _paged_attention
     return mod
@@ -71,11 +76,7 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 @functools.cache
 def _fused() -> ModuleType:
-    try:
-        return importlib.import_module("phaselens.kernels.fused")
-    except ImportError as e:
-        raise RuntimeError(f"CUDA steps need Triton ({e}); install triton or select the torch reference with "
-                           "phaselens.kernels.set_cuda_attention_backend('torch')") from e
+    return _import_triton("fused")
 
 
 def add_rms_norm(delta: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
