@@ -8,32 +8,20 @@ checked-in H200 long-workload profile and sample log (the pre-registered predict
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner
 
+from tests.bench_module import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "validation"
 
-
-def _load_bench() -> ModuleType:
-    path = ROOT / "bench" / "validate_advisor.py"
-    spec = importlib.util.spec_from_file_location("validate_advisor", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-va = _load_bench()
+va = load_bench("validate_advisor")
 
 
 def test_configs_default_to_every_placement_and_two_gpus_stay_issue_8s():

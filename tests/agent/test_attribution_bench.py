@@ -9,13 +9,10 @@ differs from the pure runs' (as the H100's did), so the in-context truth has som
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,22 +20,13 @@ import pytest
 
 from phaselens.trace import read_trace
 
+from tests.bench_module import load_bench
+
 T0 = 1_800_000_000_000_000_000
 MS = 1_000_000
 PERIOD_MS = 100.0
 
-
-def _load_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "attribution_accuracy.py"
-    spec = importlib.util.spec_from_file_location("attribution_accuracy", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-aa = _load_bench()
+aa = load_bench("attribution_accuracy")
 
 #: per context and phase: sm_active, sm_occupancy, tensor_active, dram_active, fp16_active (ratios); the
 #: pure runs' are the H100's pure-run truth, the 8B regime's its duty-0.5 truth (bench/RESULTS.md)
