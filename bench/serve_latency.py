@@ -59,6 +59,15 @@ def _server_ttft_count(url: str) -> float:
     return total
 
 
+def stop_server(server: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds (the server drains first)."""
+    server.terminate()
+    try:
+        server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def wait_until_up(server: subprocess.Popen, url: str, timeout: float) -> None:
     """Poll ``url``/health until it answers 200; ClickException if the server exits or ``timeout`` passes.
     (bench/serving_throughput.py uses it too.)"""
@@ -142,11 +151,7 @@ def main(preset: str, device: str, workers: int, rates: str, duration: float, se
                 (out / f"load_rate{rate:g}.json").write_text(json.dumps(
                     {"rate": rate, "summary": s, "requests": [r.__dict__ for r in res]}))
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     header = ("| rate req/s | requests | ok | req/s | out tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms "
               "| TPOT p50/p90 ms | SLO attain | goodput req/s |")
     lines = [header, "|" + "---|" * 10]

@@ -31,7 +31,7 @@ import click
 import httpx
 
 from phaselens.engine.loadgen import LengthDist, LoadGenerator, WorkloadSpec, build_workload, summarize
-from serve_latency import free_port, wait_until_up  # bench/ is on sys.path when run as a script
+from serve_latency import free_port, stop_server, wait_until_up  # bench/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -77,11 +77,7 @@ def main(preset: str, device: str, num_requests: int, seed: int, max_num_seqs: i
         res = gen.run()
         s = summarize(res, gen.duration_s)
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     hf = json.loads(Path(hf_json).read_text()) if hf_json else None
     ratio = s["output_token_throughput"] / hf["output_token_throughput"] if hf else None
     gpu = "cpu"

@@ -79,7 +79,7 @@ import click
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_latency import free_port, wait_until_up  # noqa: E402
+from serve_latency import free_port, stop_server, wait_until_up  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 #: joint SLO attainment that defines goodput (DistServe's definition, and the issue's)
@@ -224,11 +224,7 @@ class Server:
         return dict(r.json())
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
         self.log_file.close()
 
 
