@@ -305,7 +305,8 @@ def _split_candidate(sc: Screen, tp: int, n_p: int, n_d: int) -> Candidate:
     """The closed-form candidate of exactly ``n_p`` prefill and ``n_d`` decode TP-``tp`` instances: the screen
     keeps only the best integer split per TP pair; a placement it passed over is simulated from the same kind
     of starting point (``Search.sim_goodput`` brackets from the candidate's goodput) as one it picked."""
-    return sc.pair_candidate("split", tp, sc.prefill_goodput(tp), tp, sc.decode_goodput(tp), n_p, n_d)
+    prefill = sc.prefill_goodput(tp, instances=n_p)
+    return sc.pair_candidate("split", tp, prefill, tp, sc.decode_goodput(tp), n_p, n_d)
 
 
 def _every_placement(search: Search, advice: Advice, tp: int) -> dict[str, Finalist]:

@@ -37,9 +37,22 @@ Where ours differs on purpose (each makes ours *more* conservative than their si
 a request only while its whole context fits the KV cache, and a decode worker runs at its own TP (their
 ``simulate_dist.py`` builds every worker with ``TP_Decode=TP_Prefill``).
 
-Result, and why the 15% acceptance is not met (``test_goodput_per_gpu_within_15_percent_of_published`` is a
-strict xfail): the search finds prefill TP2 / decode TP1 at 1.85 req/s per GPU, +18% over 1.56 and +7% over
-the top of DistServe's bracket (1.97, +26%, without the snapshot's per-step extras). The published figure is
+Results (the issue asks for both the placement and its goodput within 15%):
+
+* the goodput of DistServe's reported placement, one TP2 prefill and one TP1 decode instance, simulated by
+  ours and rated per GPU of those 3 GPUs as theirs: 1.72 req/s per GPU, +10% over 1.56 (passes; without the
+  snapshot's per-step extras it is 1.94, +25%);
+* the placement is *not* what our search picks (``test_search_finds_distserve_placement_and_goodput`` is a
+  strict xfail). Over the whole cluster it prefers split P 2 x TP1 : D 2 x TP1 at 2.18 req/s per GPU
+  simulated (1 x TP2 : 2 x TP1 is 1.85), a shape DistServe's search (one instance per phase) cannot
+  express. Before the screen modelled a prefill pool as one M/G/c queue it scored 2 x TP1 prefill as two
+  separate queues, 1.10 req/s per GPU, never simulated it, and picked TP2 / TP1: that match was an
+  artefact. Within DistServe's candidates ours ranks TP2 / TP2 (1.85) above TP2 / TP1 (1.72): our TP1 decode
+  worker runs out of KV cache at about 5 req/s, while their ``simulate_dist.py`` runs the decode worker at
+  the prefill worker's TP (a TP2 decode, rated as one GPU), so their TP2 / TP1 and TP2 / TP2 are the same
+  simulation, the first rated over fewer GPUs.
+
+The published figure is
 one 300-request run at one seed, and such a run is noisy: P90 TTFT binds, and the P90 of 300 TTFTs at a
 given rate swings with the sample's share of long prompts and the arrivals' bursts. DistServe's procedure
 replayed with the snapshot's semantics (``bench/distserve_procedure.py``: per-step extras, one batch of every
@@ -101,7 +114,7 @@ def published_table() -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def advice():
+def search():
     pairs = np.array(json.loads(FIXTURE.read_text())["prompt_output"])
     model = StepModel.from_table(published_table(), unit_s=1e-3)
     workload = Workload.from_arrays(4.0, pairs[:, 0], pairs[:, 1], source="DistServe ShareGPT sample")
@@ -117,7 +130,12 @@ def advice():
         # their simulated TTFT has no front-end time (organize_data.py: arrival to the end of the prefill)
         ttft_overhead_s=0.0,
     )
-    return Search(model, workload, slo, cluster, seeds=(0, 1, 2), n_requests=1000).run()
+    return Search(model, workload, slo, cluster, seeds=(0, 1, 2), n_requests=1000)
+
+
+@pytest.fixture(scope="module")
+def advice(search):
+    return search.run()
 
 
 def test_workload_sample_is_distserve_sharegpt_shape():
@@ -135,18 +153,23 @@ def test_kv_capacity_close_to_distserve_figures():
     assert kv_capacity_tokens(OPT_13B, a100, 2) == pytest.approx(published["2"], rel=0.1)
 
 
-def test_best_split_is_prefill_tp2_decode_tp1(advice):
-    pl = advice.split.placement
-    # DistServe rates one prefill + one decode instance; ours sizes the pools over the 4 GPUs, so the fourth
-    # GPU may hold a second decode instance of the same shape
-    assert (pl.n_p, pl.tp_p, pl.tp_d) == (1, 2, 1)
+def test_distserve_placement_goodput_within_15_percent_of_published(search):
+    sc = search.screen()
+    # one TP2 prefill and one TP1 decode instance, rated per GPU of those 3 GPUs, as DistServe's search rates
+    cand = sc.pair_candidate("split", 2, sc.prefill_goodput(2), 1, sc.decode_goodput(1), 1, 1)
+    per_gpu = search.finalize(cand).per_gpu
+    assert abs(per_gpu / PUBLISHED_PER_GPU - 1.0) <= ACCEPTANCE, (per_gpu, per_gpu / PUBLISHED_PER_GPU)
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="published 1.56 is one seed-0, 300-request run (lower end of its bracket); ours is 1.85, +18%: "
-    "see the module docstring",
+    reason="the search prefers split P 2xTP1 : D 2xTP1 (2.18 req/s per GPU, +40%), a shape outside "
+    "DistServe's one-instance-per-phase search; see the module docstring",
 )
-def test_goodput_per_gpu_within_15_percent_of_published(advice):
+def test_search_finds_distserve_placement_and_goodput(advice):
+    pl = advice.split.placement
+    # DistServe rates one prefill + one decode instance; ours sizes the pools over the 4 GPUs, so the fourth
+    # GPU may hold a second decode instance of the same shape
+    assert (pl.n_p, pl.tp_p, pl.tp_d) == (1, 2, 1), pl.label
     per_gpu = advice.split.per_gpu
     assert abs(per_gpu / PUBLISHED_PER_GPU - 1.0) <= ACCEPTANCE, (per_gpu, per_gpu / PUBLISHED_PER_GPU)
