@@ -134,6 +134,16 @@ class _Reqs:
         self.first = [math.nan] * n
         self.finish = [math.nan] * n
 
+    def chunk(self, item: list[int], budget: int, whole: bool) -> tuple[int, float]:
+        """Tokens a step takes of the queued prompt ``item`` ([request, tokens done]): the rest of it when
+        ``whole``, else up to ``budget``; and their quadratic prefill feature ``k^2 + 2 k p`` (``p``: the
+        tokens before them, cached or done)."""
+        j, done = item
+        left = self.prompt[j] - self.cached[j] - done
+        k = left if whole else min(left, budget)
+        past = self.cached[j] + done
+        return k, k * k + 2.0 * k * past
+
 
 class _Worker:
     def __init__(self, sim: "Simulator", co: StepCoefficients, name: str):
@@ -255,13 +265,10 @@ class _PrefillWorker(_Worker):
         for item in self.queue:
             if budget <= 0 or len(taken) >= self.max_batch:
                 break
-            j, done = item
-            left = r.prompt[j] - r.cached[j] - done
-            k = min(left, budget) if self.chunk else left
+            k, q = r.chunk(item, budget, whole=not self.chunk)
             if not self.chunk and taken and k > budget:
                 break
-            past = r.cached[j] + done
-            quad += k * k + 2.0 * k * past
+            quad += q
             tokens += k
             budget -= k
             taken.append((item, k))
@@ -343,12 +350,10 @@ class _ColocatedWorker(_DecodeSide):
                     break  # max_num_seqs: the next prompt waits for a sequence to finish
                 kv_room -= need
                 slots -= 1
-            left = r.prompt[j] - r.cached[j] - done
-            k = left if self.chunk == 0 else min(left, budget)
+            k, q = r.chunk(item, budget, whole=self.chunk == 0)
             if self.chunk == 0 and taken and tokens + k > budget:
                 break
-            past = r.cached[j] + done
-            quad += k * k + 2.0 * k * past
+            quad += q
             tokens += k
             budget -= k
             taken.append((item, k))
