@@ -10,7 +10,7 @@ Published reference (figures and facts only, no code taken):
   of the coefficients, a "Ray overhead" of 2 ms + 0.0001 ms per context token (``worker.py``), and to a
   prefill step a further 1 ms (``time_estimator.py``, ``pp_const`` at PP1). Later commits dropped both; the
   README kept the figure. They are linear in the same features, so they are added to the coefficients
-  (:data:`AE_STEP_EXTRAS_MS`);
+  (``ae_step_extras_ms`` of ``distserve_opt13b_a100.json``, added by :func:`published_table`);
 * KV capacity: ``max_num_tokens.csv`` (OPT-13B, PP1): 66,144 tokens at TP1, 163,008 at TP2;
 * SLOs and search (README, ``simulate.py``, ``benchmarks/search_binary.py``, ``simulate_dist.py``): one node
   of 4 x A100-80GB, P90 TTFT 200 ms and P90 TPOT 100 ms checked *separately* (``quantile(0.9) < target`` for
@@ -77,15 +77,13 @@ from phaselens.advisor.step_model import StepModel, kv_capacity_tokens
 from phaselens.advisor.workload import Workload
 from phaselens.engine.config import ModelConfig
 from phaselens.gpus import gpu_spec
+from tests.bench_module import load_bench
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "advisor" / "distserve_opt13b_sharegpt_657.json"
 
 # coefficients, the snapshot's per-step extras and the published result, with their provenance
 PUBLISHED = json.loads((FIXTURE.parent / "distserve_opt13b_a100.json").read_text())
 DISTSERVE_OPT13B_A100_MS = {int(tp): row for tp, row in PUBLISHED["coefficients_ms"].items()}
-#: the snapshot that printed the figure (commit f06659fe) adds per step, in ms: a constant and a cost per
-#: context token (the "Ray overhead" 2 + 0.0001/token on every step, and 1 more on a prefill step)
-AE_STEP_EXTRAS_MS = {line: tuple(v) for line, v in PUBLISHED["ae_step_extras_ms"].items()}
 PUBLISHED_PER_GPU = PUBLISHED["published"]["per_gpu_rps"]
 ACCEPTANCE = 0.15
 
@@ -103,13 +101,14 @@ OPT_13B = ModelConfig(
 
 
 def published_table() -> dict[int, dict]:
-    """The coefficients with the snapshot's per-step extras added (same features: intercept, tokens)."""
+    """The coefficients with the snapshot's per-step extras added (same features: intercept, tokens), as
+    the replay of DistServe's procedure steps them (bench/distserve_procedure.py)."""
+    replay = load_bench("distserve_procedure")
     table: dict[int, dict] = {}
-    for tp, row in DISTSERVE_OPT13B_A100_MS.items():
-        table[tp] = dict(row)
-        for line, (a_ms, b_ms) in AE_STEP_EXTRAS_MS.items():
-            a, b, c = row[line]
-            table[tp][line] = [a + a_ms, b + b_ms, c]
+    for tp in DISTSERVE_OPT13B_A100_MS:
+        steps = replay.PublishedSteps(PUBLISHED, tp)
+        table[tp] = {"prefill": list(steps.prefill), "decode": list(steps.decode),
+                     "decode_large": list(steps.decode_large), "knee": steps.knee}
     return table
 
 
