@@ -351,8 +351,8 @@ class _ColocatedWorker(_DecodeSide):
                 kv_room -= need
                 slots -= 1
             k, q = r.chunk(item, budget, whole=self.chunk == 0)
-            if self.chunk == 0 and taken and tokens + k > budget:
-                break
+            if self.chunk == 0 and taken and k > budget:
+                break  # no chunking: a whole prompt that would overrun the step's token limit waits
             quad += q
             tokens += k
             budget -= k

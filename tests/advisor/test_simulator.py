@@ -137,3 +137,23 @@ def test_prefill_pool_tail_is_between_central_queue_and_separate_queues():
         separate = sc.prefill_ttft(1, rate / 2)[0]
         assert sim * (1 - under) <= pooled <= sim * 1.02
         assert separate > sim * 1.2
+
+
+def test_colocated_without_chunking_batches_whole_prompts_up_to_the_step_limit(setup):
+    """Without a chunk budget, waiting prompts run whole in one prefill step while their sum stays within
+    the step's token limit (PREFILL_MAX_TOKENS): two queued 6,000-token prompts share one step."""
+    from phaselens.advisor.simulator import PREFILL_MAX_TOKENS
+
+    model, _, slo, cluster = setup
+    prompt = 6000
+    assert 2 * prompt <= PREFILL_MAX_TOKENS < 3 * prompt
+    wl = Workload.from_arrays(1.0, [prompt], [1])
+    pl = Placement("colocated", n_d=1, tp_d=1, chunk=0)
+    # all three arrive within microseconds: the first runs alone, the other two queue behind it
+    res = Simulator(model, wl, slo, cluster, pl, n_requests=3, seed=0).run(1e6)
+    one = 0.010 + 4.0e-5 * prompt
+    two = 0.010 + 4.0e-5 * 2 * prompt
+    ttft = np.sort(res.ttft)
+    assert ttft[0] == pytest.approx(one, abs=1e-4)
+    assert ttft[1] == pytest.approx(one + two, abs=1e-4)
+    assert ttft[2] == pytest.approx(one + two, abs=1e-4)
