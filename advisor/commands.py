@@ -142,7 +142,8 @@ def _duration_s(text: str) -> float:
     type=click.IntRange(100, 100000),
     default=1000,
     show_default=True,
-    help="Requests per simulation run.",
+    help="Requests measured per simulation run, in its steady window (the run adds the arrivals of its "
+    "warm-up and cool-down: TTFT target + TPOT target x P90 output each).",
 )
 @click.option(
     "--run-seconds",

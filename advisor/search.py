@@ -8,6 +8,13 @@ best colocated one by more than ``max(15%, 2 x the step model's held-out error)`
 request rate and the prompt lengths move by +-25%; ``conditional`` (prefill remotely only long prompts)
 under the same rule; otherwise ``colocated``. The reasons it does not pay are computed from the inputs and
 printed with their numbers.
+
+Goodput is a steady-state figure: each simulated run measures ``n_requests`` requests inside a window that
+starts and ends :meth:`Search.warmup_s` away from the first and the last arrival (warm-up deletion), and
+arrives enough requests around it to fill and drain the placement. Without the window, a run of a fixed
+number of requests over a large slice never leaves its filling phase (a 12:8 slice scored 13.2 req/s per GPU
+against 8.1 in steady state), so slices of different sizes were not comparable. ``run_s`` instead simulates
+load runs of that length whole, as a measurement of that length sees them (bench/validate_advisor.py).
 """
 
 from __future__ import annotations
@@ -162,6 +169,15 @@ class Search:
         #: simulate runs of this many seconds of arrivals (a load run's length) instead of n_requests
         self.run_s = run_s
 
+    @property
+    def warmup_s(self) -> float:
+        """Warm-up (and cool-down) cut from each steady-state run: a request at the SLO's edge that has a
+        P90-long output stays this long (TTFT target + TPOT target x P90 output), so a placement holds its
+        steady load once that long has passed since the first arrival (M/G/inf occupancy is
+        ``rate x E[min(R, t)]``)."""
+        out = float(np.quantile(self.workload.output_tokens, 0.9))
+        return self.slo.ttft_s + self.slo.tpot_s * max(out - 1.0, 0.0)
+
     # ------------------------------------------------------------------ goodput by simulation
 
     def sim_goodput(self, cand: Candidate, seed: int) -> tuple[float, SimResult | None]:
@@ -169,15 +185,19 @@ class Search:
         sl, scale = _slice(cand.placement)
         base = cand.goodput / scale if cand.goodput > 0 else 1.0
 
+        warmup = None if self.run_s is not None else self.warmup_s
+
         def run(rate: float) -> SimResult:
-            n = self.n_requests
             if self.run_s is not None:
                 # as a load run of run_s seconds sends (bench/validate_advisor.py): rate x seconds, clipped,
                 # to the whole placement; the simulated slice gets its share
                 full = min(RUN_MAX_REQUESTS, max(RUN_MIN_REQUESTS, round(rate * scale * self.run_s)))
                 n = max(1, round(full / scale))
+            else:
+                # n_requests measured in the steady window, plus the arrivals of the warm-up and cool-down
+                n = self.n_requests + math.ceil(2.0 * warmup * rate * 1.05) + 1
             return Simulator(self.model, self.workload, self.slo, self.cluster, sl, n_requests=n,
-                             seed=seed).run(rate)
+                             seed=seed, warmup_s=warmup).run(rate)
 
         lo, hi = 0.0, base * 1.5
         best: SimResult | None = None

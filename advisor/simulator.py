@@ -21,7 +21,12 @@ What it models (issue 5, "Discrete-event simulator"):
   session-affine in colocated mode, which is what makes those history hits possible there;
 * least-loaded routing (fewest outstanding requests) to every pool;
 * step cadence: each step takes the host gap before it plus its GPU time (``StepCoefficients.*_step``), the
-  engine's and the serving path's host time (advisor/host_gap.py).
+  engine's and the serving path's host time (advisor/host_gap.py);
+* steady state (``warmup_s``): a run starts empty and ends draining, and both ends are lighter than the
+  steady load: the first requests find no decode batch, the last ones see it shrink. With ``warmup_s`` only
+  the requests arriving at least that long after the first arrival and before the last are measured, and
+  only the steps run between those times (warm-up deletion, as in Law, *Simulation Modeling and Analysis*,
+  ch. 9.5). Without it every request counts, as in a load run of that length.
 
 Not modelled: preemption (admission control keeps the KV under the watermark instead), pipeline
 parallelism, and the front-end's own latency.
@@ -222,7 +227,7 @@ class _DecodeSide(_Worker):
             return
         self.busy = True
         dt = self.co.decode_step(self.n, self.ctx)
-        self.sim.record_step(dt, self.n)
+        self.sim.record_step(dt, self.n, now)
         self.busy_s += dt
         self.sim.push(now + dt, self._step_done, self.n)
 
@@ -367,7 +372,7 @@ class _ColocatedWorker(_DecodeSide):
         else:
             dt = self.co.decode_step(decodes, self.ctx)
         if decodes:
-            self.sim.record_step(dt, decodes)
+            self.sim.record_step(dt, decodes, now)
         self.busy = True
         self.busy_s += dt
         self.sim.push(now + dt, self._colo_done, (decodes, taken))
@@ -421,7 +426,10 @@ class Simulator:
         seed: int = 0,
         prefill_max_tokens: int = PREFILL_MAX_TOKENS,
         prefill_max_batch: int = 1 << 30,
+        warmup_s: float | None = None,
     ):
+        if warmup_s is not None and warmup_s < 0:
+            raise ValueError(f"warmup_s must be >= 0, got {warmup_s}")
         self.model = model
         self.workload = workload
         self.slo = slo
@@ -431,13 +439,17 @@ class Simulator:
         self.seed = seed
         self.prefill_max_tokens = prefill_max_tokens
         self.prefill_max_batch = prefill_max_batch
+        #: measure only the requests arriving in [first + warmup_s, last - warmup_s] (None: all of them)
+        self.warmup_s = warmup_s
 
     # -- event plumbing used by the workers
     def push(self, t: float, fn: Any, arg: Any) -> None:
         self._seq += 1
         heapq.heappush(self._events, (t, self._seq, fn, arg))
 
-    def record_step(self, dt: float, batch: int) -> None:
+    def record_step(self, dt: float, batch: int, now: float) -> None:
+        """A decode-carrying step of ``dt`` seconds and ``batch`` sequences, starting at ``now``."""
+        self._steps_t.append(now)
         self._steps_s.append(dt)
         self._steps_b.append(batch)
 
@@ -475,7 +487,8 @@ class Simulator:
         return prefill, decoders
 
     def run(self, rate: float) -> SimResult:
-        """Simulate ``n_requests`` arrivals at ``rate`` req/s until all finish (or the horizon)."""
+        """Simulate ``n_requests`` arrivals at ``rate`` req/s until all finish (or the horizon); the result
+        holds the measured requests (all, or those of the steady-state window)."""
         rng = np.random.default_rng(self.seed)
         n = self.n_requests
         split_side = self.placement.kind in ("split", "conditional")
@@ -497,6 +510,7 @@ class Simulator:
         )
         self._events: list[tuple[float, int, Any, Any]] = []
         self._seq = 0
+        self._steps_t: list[float] = []
         self._steps_s: list[float] = []
         self._steps_b: list[int] = []
         self.done = 0
@@ -533,14 +547,28 @@ class Simulator:
         tpot = np.where((out > 1) & np.isnan(finish), math.inf, tpot)
         elapsed = max(now, 1e-9)
         busy = {w.name: w.busy_s / elapsed for w in (*self.prefill, *self.decoders)}
+        step_t = np.asarray(self._steps_t)
+        step_s = np.asarray(self._steps_s)
+        step_b = np.asarray(self._steps_b, dtype=float)
+        measured = np.ones(n, bool)
+        if self.warmup_s is not None:
+            start, end = float(arrival[0]) + self.warmup_s, float(arrival[-1]) - self.warmup_s
+            measured = (arrival >= start) & (arrival <= end)
+            if not measured.any():
+                raise ValueError(
+                    f"no request arrives in the steady-state window: {n} arrivals over "
+                    f"{float(arrival[-1] - arrival[0]):.3g} s, warm-up {self.warmup_s:.3g} s at each end"
+                )
+            in_window = (step_t >= start) & (step_t <= end)
+            step_s, step_b = step_s[in_window], step_b[in_window]
         return SimResult(
             rate,
-            ttft,
-            tpot,
-            np.asarray(self._steps_s),
-            np.asarray(self._steps_b, dtype=float),
-            int(np.isfinite(finish).sum()),
-            n,
+            ttft[measured],
+            tpot[measured],
+            step_s,
+            step_b,
+            int(np.isfinite(finish[measured]).sum()),
+            int(measured.sum()),
             self.slo,
             busy,
         )

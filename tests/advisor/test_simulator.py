@@ -157,3 +157,56 @@ def test_colocated_without_chunking_batches_whole_prompts_up_to_the_step_limit(s
     assert ttft[0] == pytest.approx(one, abs=1e-4)
     assert ttft[1] == pytest.approx(one + two, abs=1e-4)
     assert ttft[2] == pytest.approx(one + two, abs=1e-4)
+
+
+def test_steady_state_window_measures_only_requests_inside_it(setup):
+    """With warmup_s, the result holds the requests arriving in [first + w, last - w], and the steps run
+    between those times; a window with no arrival is an error, not an empty pass."""
+    model, _, slo, cluster = setup
+    wl = Workload.from_arrays(1.0, [PROMPT] * 10, [64] * 10)
+    pl = Placement("split", n_p=1, tp_p=1, n_d=1, tp_d=1)
+    rate, n, warmup = 2.0, 600, 40.0
+    whole = Simulator(model, wl, slo, cluster, pl, n_requests=n, seed=3).run(rate)
+    window = Simulator(model, wl, slo, cluster, pl, n_requests=n, seed=3, warmup_s=warmup).run(rate)
+    # the simulator's draws for seed 3: the requests' rows, then their arrival times
+    rng = np.random.default_rng(3)
+    rng.integers(0, wl.n, size=n)
+    arrival = wl.arrival_times(n, rate, rng)
+    assert whole.total == n
+    assert 0 < window.total < n
+    # the same arrivals: the window's requests are those of the whole run whose arrival falls inside it
+    inside = (arrival >= arrival[0] + warmup) & (arrival <= arrival[-1] - warmup)
+    assert window.total == int(inside.sum())
+    np.testing.assert_array_equal(window.ttft, whole.ttft[inside])
+    assert 0 < len(window.step_s) < len(whole.step_s)
+    with pytest.raises(ValueError, match="steady-state window"):
+        Simulator(model, wl, slo, cluster, pl, n_requests=20, seed=3, warmup_s=warmup).run(rate)
+    with pytest.raises(ValueError, match="warmup_s"):
+        Simulator(model, wl, slo, cluster, pl, warmup_s=-1.0)
+
+
+def test_search_goodput_per_gpu_does_not_depend_on_the_slice_size(setup):
+    """Large placements are simulated as slices of up to MAX_SLICE_INSTANCES instances. In steady state the
+    same pool ratio gives about the same goodput per GPU at any slice size (pooling helps a little); a fixed
+    number of requests from an empty system rated a 4:4 slice 27% above a 1:1 one, as the bigger slice
+    never left its filling phase."""
+    from phaselens.advisor.search import Search
+
+    model, _, _, cluster = setup
+    wl = Workload.from_spec("rate=5,prompt=lognormal:1000:0.5,output=lognormal:300:0.5")
+    slo = Slo(ttft_s=1.0, tpot_s=0.020)
+    search = Search(model, wl, slo, replace_gpus(cluster, 8), seeds=(0, 1))
+    sc = search.screen()
+    per_gpu = {}
+    for n in (1, 4):
+        cand = sc.pair_candidate("split", 1, sc.prefill_goodput(1, instances=n), 1, sc.decode_goodput(1), n, n)
+        per_gpu[n] = search.finalize(cand).per_gpu
+        # and the closed form agrees with the steady-state simulation
+        assert per_gpu[n] == pytest.approx(cand.per_gpu, rel=0.12)
+    assert per_gpu[4] == pytest.approx(per_gpu[1], rel=0.12)
+
+
+def replace_gpus(cluster: Cluster, gpus: int) -> Cluster:
+    from dataclasses import replace
+
+    return replace(cluster, gpus=gpus)
