@@ -185,9 +185,10 @@ class Search:
         sl, scale = _slice(cand.placement)
         base = cand.goodput / scale if cand.goodput > 0 else 1.0
 
-        warmup = None if self.run_s is not None else self.warmup_s
+        steady_warmup = self.warmup_s
 
         def run(rate: float) -> SimResult:
+            warmup: float | None = None
             if self.run_s is not None:
                 # as a load run of run_s seconds sends (bench/validate_advisor.py): rate x seconds, clipped,
                 # to the whole placement; the simulated slice gets its share
@@ -195,6 +196,7 @@ class Search:
                 n = max(1, round(full / scale))
             else:
                 # n_requests measured in the steady window, plus the arrivals of the warm-up and cool-down
+                warmup = steady_warmup
                 n = self.n_requests + math.ceil(2.0 * warmup * rate * 1.05) + 1
             return Simulator(self.model, self.workload, self.slo, self.cluster, sl, n_requests=n,
                              seed=seed, warmup_s=warmup).run(rate)

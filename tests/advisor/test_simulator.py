@@ -190,23 +190,20 @@ def test_search_goodput_per_gpu_does_not_depend_on_the_slice_size(setup):
     same pool ratio gives about the same goodput per GPU at any slice size (pooling helps a little); a fixed
     number of requests from an empty system rated a 4:4 slice 27% above a 1:1 one, as the bigger slice
     never left its filling phase."""
+    from dataclasses import replace
+
     from phaselens.advisor.search import Search
 
     model, _, _, cluster = setup
     wl = Workload.from_spec("rate=5,prompt=lognormal:1000:0.5,output=lognormal:300:0.5")
     slo = Slo(ttft_s=1.0, tpot_s=0.020)
-    search = Search(model, wl, slo, replace_gpus(cluster, 8), seeds=(0, 1))
+    search = Search(model, wl, slo, replace(cluster, gpus=8), seeds=(0, 1))
     sc = search.screen()
     per_gpu = {}
     for n in (1, 4):
-        cand = sc.pair_candidate("split", 1, sc.prefill_goodput(1, instances=n), 1, sc.decode_goodput(1), n, n)
+        fp, fd = sc.prefill_goodput(1, instances=n), sc.decode_goodput(1)
+        cand = sc.pair_candidate("split", 1, fp, 1, fd, n, n)
         per_gpu[n] = search.finalize(cand).per_gpu
         # and the closed form agrees with the steady-state simulation
         assert per_gpu[n] == pytest.approx(cand.per_gpu, rel=0.12)
     assert per_gpu[4] == pytest.approx(per_gpu[1], rel=0.12)
-
-
-def replace_gpus(cluster: Cluster, gpus: int) -> Cluster:
-    from dataclasses import replace
-
-    return replace(cluster, gpus=gpus)
