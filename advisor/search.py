@@ -12,9 +12,10 @@ printed with their numbers.
 Goodput is a steady-state figure: each simulated run measures ``n_requests`` requests inside a window that
 starts and ends :meth:`Search.warmup_s` away from the first and the last arrival (warm-up deletion), and
 arrives enough requests around it to fill and drain the placement. Without the window, a run of a fixed
-number of requests over a large slice never leaves its filling phase (a 12:8 slice scored 13.2 req/s per GPU
-against 8.1 in steady state), so slices of different sizes were not comparable. ``run_s`` instead simulates
-load runs of that length whole, as a measurement of that length sees them (bench/validate_advisor.py).
+number of requests over a large slice never leaves its filling phase: of one pool ratio, a 12:8 slice scored
+13.2 req/s per GPU and a 3:2 one 9.4, against 8.8 and 8.3 in steady state (bench/RESULTS.md), so slices of
+different sizes were not comparable. ``run_s`` instead simulates load runs of that length whole, as a
+measurement of that length sees them (bench/validate_advisor.py).
 """
 
 from __future__ import annotations
