@@ -554,6 +554,14 @@ class Screen:
         return self.pair_candidate(kind, tp_p, fits[pool_size_modelled(best[2])], tp_d, fd, best[2], best[3],
                                    chunk=chunk, threshold=threshold)
 
+    def split_candidate(self, tp_p: int, n_p: int, tp_d: int, n_d: int) -> Candidate:
+        """The candidate of exactly ``n_p`` TP-``tp_p`` prefill and ``n_d`` TP-``tp_d`` decode instances (the
+        prefill fit of a pool of ``n_p``), whether or not :meth:`split` would pick it: on the split it picks,
+        the same candidate, so a placement it passed over is simulated from the same kind of starting point
+        (``Search.sim_goodput`` brackets from the candidate's goodput)."""
+        return self.pair_candidate("split", tp_p, self.prefill_goodput(tp_p, instances=n_p), tp_d,
+                                   self.decode_goodput(tp_d), n_p, n_d)
+
     @staticmethod
     def pair_candidate(
         kind: str,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from phaselens.advisor.inputs import Cluster, Slo
-from phaselens.advisor.screen import Candidate, Placement, Screen
+from phaselens.advisor.screen import Candidate, Placement
 from phaselens.advisor.search import Advice, Finalist, Search
 from phaselens.advisor.step_model import StepModel
 from phaselens.advisor.workload import Workload
@@ -301,14 +301,6 @@ def predict_goodput(
     )
 
 
-def _split_candidate(sc: Screen, tp: int, n_p: int, n_d: int) -> Candidate:
-    """The closed-form candidate of exactly ``n_p`` prefill and ``n_d`` decode TP-``tp`` instances: the screen
-    keeps only the best integer split per TP pair; a placement it passed over is simulated from the same kind
-    of starting point (``Search.sim_goodput`` brackets from the candidate's goodput) as one it picked."""
-    prefill = sc.prefill_goodput(tp, instances=n_p)
-    return sc.pair_candidate("split", tp, prefill, tp, sc.decode_goodput(tp), n_p, n_d)
-
-
 def _every_placement(search: Search, advice: Advice, tp: int) -> dict[str, Finalist]:
     """Every colocated and split placement of the cluster's GPUs at TP ``tp``, simulated as finalists are.
 
@@ -332,7 +324,7 @@ def _every_placement(search: Search, advice: Advice, tp: int) -> dict[str, Final
     elif colo:
         out["colocated"] = simulated(colo[0])
     for n_p in range(1, n):
-        fin = simulated(_split_candidate(sc, tp, n_p, n - n_p))
+        fin = simulated(sc.split_candidate(tp, n_p, tp, n - n_p))
         out[placement_name(fin.placement)] = fin
     log.info("every placement of %d GPUs at TP%d: %s", search.cluster.gpus, tp,
              ", ".join(f"{k} {f.goodput:.3g} req/s" for k, f in out.items()))

@@ -156,7 +156,7 @@ def test_kv_capacity_close_to_distserve_figures():
 def test_distserve_placement_goodput_within_15_percent_of_published(search):
     sc = search.screen()
     # one TP2 prefill and one TP1 decode instance, rated per GPU of those 3 GPUs, as DistServe's search rates
-    cand = sc.pair_candidate("split", 2, sc.prefill_goodput(2), 1, sc.decode_goodput(1), 1, 1)
+    cand = sc.split_candidate(2, 1, 1, 1)
     per_gpu = search.finalize(cand).per_gpu
     assert abs(per_gpu / PUBLISHED_PER_GPU - 1.0) <= ACCEPTANCE, (per_gpu, per_gpu / PUBLISHED_PER_GPU)
 

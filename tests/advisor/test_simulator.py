@@ -201,8 +201,7 @@ def test_search_goodput_per_gpu_does_not_depend_on_the_slice_size(setup):
     sc = search.screen()
     per_gpu = {}
     for n in (1, 4):
-        fp, fd = sc.prefill_goodput(1, instances=n), sc.decode_goodput(1)
-        cand = sc.pair_candidate("split", 1, fp, 1, fd, n, n)
+        cand = sc.split_candidate(1, n, 1, n)
         per_gpu[n] = search.finalize(cand).per_gpu
         # and the closed form agrees with the steady-state simulation
         assert per_gpu[n] == pytest.approx(cand.per_gpu, rel=0.12)

@@ -20,7 +20,7 @@ from phaselens.advisor.screen import Placement, Screen
 from phaselens.advisor.simulator import Simulator
 from phaselens.advisor.step_model import StepModel
 from phaselens.advisor.search import Search
-from phaselens.advisor.validate import (_split_candidate, length_spec, placement_name, placement_names,
+from phaselens.advisor.validate import (length_spec, placement_name, placement_names,
                                         predict_goodput, rank, top_two_match)
 from phaselens.advisor.workload import Workload, _lengths
 from phaselens.cli import cli
@@ -155,8 +155,8 @@ def test_every_placement_is_off_by_default(predictions):
 
 
 def test_a_placement_the_screen_passed_over_starts_from_the_screens_arithmetic():
-    """``_split_candidate`` restates the screen's integer-split arithmetic for one given split: on the split
-    the screen picks, it gives the screen's own candidate (so every placement is bracketed alike)."""
+    """``Screen.split_candidate`` restates the screen's integer-split arithmetic for one given split: on the
+    split the screen picks, it gives the screen's own candidate (so every placement is bracketed alike)."""
     model = StepModel.fit(read_trace(PROFILE).steps, model=preset("llama-3.1-8b"))
     wl = Workload.from_spec("rate=4,prompt=lognormal_median:4000:0.1:3500:4500,output=fixed:300")
     for gpus in (2, 3, 4, 6):
@@ -164,7 +164,7 @@ def test_a_placement_the_screen_passed_over_starts_from_the_screens_arithmetic()
                      tp_degrees=(1,), chunk_budget=2048, max_num_seqs=64)
         sc = Search(model, wl, Slo(1.5, 0.02, attainment=0.9), cl).screen()
         best = sc.split()[0]
-        mine = _split_candidate(sc, 1, best.placement.n_p, best.placement.n_d)
+        mine = sc.split_candidate(1, best.placement.n_p, 1, best.placement.n_d)
         assert mine.placement == best.placement
         assert (mine.goodput, mine.per_gpu, mine.ideal_per_gpu) == pytest.approx(
             (best.goodput, best.per_gpu, best.ideal_per_gpu), rel=1e-12), gpus
