@@ -221,7 +221,7 @@ class Screen:
         rho = rate * s_mean / servers
         if rho >= 1:
             return np.full(len(u), math.inf), rho
-        p_wait = rho if servers == 1 else erlang_c(servers, rate * s_mean)
+        p_wait = erlang_c(servers, rate * s_mean)  # rho for one server
         scv = float((s * s).mean()) / (s_mean * s_mean)  # 1 + cv^2
         mean_w = p_wait * s_mean / (servers * (1.0 - rho)) * scv / 2.0
         return np.where(u < p_wait, e * mean_w / max(p_wait, 1e-300), 0.0), rho
