@@ -138,9 +138,12 @@ class WallClockNvml:
     NVML_GPU_UTILIZATION_SAMPLES = 1
     NVMLError = _NvmlError
     c_nvmlGpmMetricsGet_t = _MetricsGet
-    _KEY_OF = {2: "sm_active", 3: "sm_occupancy", 5: "tensor_active", 10: "dram_active", 13: "fp16_active"}
 
     def __init__(self, gpus: int = 1, sample_get_us: float = FAKE_SAMPLE_GET_US, refresh_ms: float = 100.0):
+        from phaselens.agent.samplers.gpm import GPM_FIELDS
+
+        #: GPM metric id -> the simulated sampler's key, from the GPM sampler's own catalogue
+        self._key_of = {getattr(self, const): key for key, const in GPM_FIELDS.items()}
         self.sample_get_s = sample_get_us / 1e6
         self.period_ns = int(refresh_ms * 1e6)
         rng = random.Random(1)
@@ -230,7 +233,7 @@ class WallClockNvml:
             if same:
                 m.value = math.nan if m.metricId == self.NVML_GPM_METRIC_DRAM_BW_UTIL else 0.0
             else:
-                m.value = 100.0 * (mg.sample2.values.get(self._KEY_OF[m.metricId]) or 0.0)
+                m.value = 100.0 * (mg.sample2.values.get(self._key_of[m.metricId]) or 0.0)
 
 
 # ---------------------------------------------------------------- the agent process
