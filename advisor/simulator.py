@@ -66,6 +66,7 @@ class SimResult:
     finished: int
     total: int
     slo: Slo
+    #: per worker, the share of the measured window (the whole run without one) it spent running steps
     busy: dict[str, float] = field(default_factory=dict)
 
     def quantile(self, what: str, q: float) -> float:
@@ -156,7 +157,12 @@ class _Worker:
         self.co = co
         self.name = name
         self.load = 0  # outstanding requests (routing)
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # GPU time inside the simulator's measured window
+
+    def add_busy(self, now: float, dt: float) -> None:
+        """Count the part of a step ``[now, now + dt]`` inside the measured window as busy time."""
+        start, end = self.sim.window
+        self.busy_s += max(0.0, min(now + dt, end) - max(now, start))
 
 
 class _DecodeSide(_Worker):
@@ -228,7 +234,7 @@ class _DecodeSide(_Worker):
         self.busy = True
         dt = self.co.decode_step(self.n, self.ctx)
         self.sim.record_step(dt, self.n, now)
-        self.busy_s += dt
+        self.add_busy(now, dt)
         self.sim.push(now + dt, self._step_done, self.n)
 
     def _step_done(self, now: float, batch: int) -> None:
@@ -279,7 +285,7 @@ class _PrefillWorker(_Worker):
             taken.append((item, k))
         dt = self.co.prefill_step(tokens, quad, len(taken))
         self.busy = True
-        self.busy_s += dt
+        self.add_busy(now, dt)
         self.sim.push(now + dt, self._done, taken)
 
     def _done(self, now: float, taken: list[tuple[list[int], int]]) -> None:
@@ -374,7 +380,7 @@ class _ColocatedWorker(_DecodeSide):
         if decodes:
             self.sim.record_step(dt, decodes, now)
         self.busy = True
-        self.busy_s += dt
+        self.add_busy(now, dt)
         self.sim.push(now + dt, self._colo_done, (decodes, taken))
 
     def _colo_done(self, now: float, payload: tuple[int, list[tuple[list[int], int]]]) -> None:
@@ -514,6 +520,15 @@ class Simulator:
         self._steps_s: list[float] = []
         self._steps_b: list[int] = []
         self.done = 0
+        #: the measured window: requests arriving in it count, and the steps and busy time run in it
+        self.window = (-math.inf, math.inf)
+        if self.warmup_s is not None:
+            self.window = (float(arrival[0]) + self.warmup_s, float(arrival[-1]) - self.warmup_s)
+            if not ((arrival >= self.window[0]) & (arrival <= self.window[1])).any():
+                raise ValueError(
+                    f"no request arrives in the steady-state window: {n} arrivals over "
+                    f"{float(arrival[-1] - arrival[0]):.3g} s, warm-up {self.warmup_s:.3g} s at each end"
+                )
         self.prefill, self.decoders = self._build()
         # Past this, an overloaded run has shown what it needs to: unfinished requests count as misses.
         horizon = (
@@ -545,22 +560,15 @@ class Simulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out <= 1, math.nan, (finish - first) / np.maximum(steps, 1))
         tpot = np.where((out > 1) & np.isnan(finish), math.inf, tpot)
-        elapsed = max(now, 1e-9)
-        busy = {w.name: w.busy_s / elapsed for w in (*self.prefill, *self.decoders)}
+        start, end = self.window
+        # a share of the window's length, or of the whole run's when every request counts
+        span = end - start if self.warmup_s is not None else max(now, 1e-9)
+        busy = {w.name: w.busy_s / span for w in (*self.prefill, *self.decoders)}
         step_t = np.asarray(self._steps_t)
-        step_s = np.asarray(self._steps_s)
-        step_b = np.asarray(self._steps_b, dtype=float)
-        measured = np.ones(n, bool)
-        if self.warmup_s is not None:
-            start, end = float(arrival[0]) + self.warmup_s, float(arrival[-1]) - self.warmup_s
-            measured = (arrival >= start) & (arrival <= end)
-            if not measured.any():
-                raise ValueError(
-                    f"no request arrives in the steady-state window: {n} arrivals over "
-                    f"{float(arrival[-1] - arrival[0]):.3g} s, warm-up {self.warmup_s:.3g} s at each end"
-                )
-            in_window = (step_t >= start) & (step_t <= end)
-            step_s, step_b = step_s[in_window], step_b[in_window]
+        in_window = (step_t >= start) & (step_t <= end)
+        step_s = np.asarray(self._steps_s)[in_window]
+        step_b = np.asarray(self._steps_b, dtype=float)[in_window]
+        measured = (arrival >= start) & (arrival <= end)
         return SimResult(
             rate,
             ttft[measured],

@@ -185,6 +185,27 @@ def test_steady_state_window_measures_only_requests_inside_it(setup):
         Simulator(model, wl, slo, cluster, pl, warmup_s=-1.0)
 
 
+def test_busy_share_covers_the_measured_window(setup):
+    """A worker's busy share is its step time inside the measured window over the window's length: at light
+    load an M/D/1 prefill worker runs one step of D for each arrival of the window (give or take the one
+    straddling each edge), whatever the fill before it and the long decode drain after the last arrival."""
+    model, _, slo, cluster = setup
+    wl = Workload.from_arrays(1.0, [PROMPT] * 10, [2000] * 10)
+    service = 0.010 + 4.0e-5 * PROMPT
+    pl = Placement("split", n_p=1, tp_p=1, n_d=1, tp_d=1)
+    rate, n, warmup = 2.0, 400, 30.0
+    res = Simulator(model, wl, slo, cluster, pl, n_requests=n, seed=5, prefill_max_batch=1,
+                    warmup_s=warmup).run(rate)
+    rng = np.random.default_rng(5)
+    rng.integers(0, wl.n, size=n)
+    arrival = wl.arrival_times(n, rate, rng)
+    start, end = arrival[0] + warmup, arrival[-1] - warmup
+    inside = int(((arrival >= start) & (arrival <= end)).sum())
+    assert res.busy["p0"] * (end - start) == pytest.approx(inside * service, abs=2 * service)
+    # the decode worker holds requests of 2,000 tokens: it never idles inside the window
+    assert res.busy["d0"] == pytest.approx(1.0, abs=1e-9)
+
+
 def test_search_goodput_per_gpu_does_not_depend_on_the_slice_size(setup):
     """Large placements are simulated as slices of up to MAX_SLICE_INSTANCES instances. In steady state the
     same pool ratio gives about the same goodput per GPU at any slice size (pooling helps a little); a fixed
