@@ -1,5 +1,5 @@
-"""``phaselens advise``: should I split prefill and decode? Strict about its inputs; every bad value is "
-"named."""
+"""``phaselens advise``: should I split prefill and decode? Strict about its inputs; every bad value is
+named, with the option it came from."""
 
 from __future__ import annotations
 
@@ -13,12 +13,36 @@ from typing import Any
 import click
 import numpy as np
 
+from phaselens.advisor.inputs import InputError
 from phaselens.advisor.step_model import StepModel
 from phaselens.advisor.workload import Workload
 
 log = logging.getLogger(__name__)
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+#: the option behind each Slo / Cluster field, so that an InputError names what the operator typed
+_OPTION_OF_FIELD = {
+    "ttft_s": "--ttft-ms",
+    "tpot_s": "--tpot-ms",
+    "ttft_pct": "--ttft-pct",
+    "tpot_pct": "--tpot-pct",
+    "attainment": "--attainment",
+    "gpus": "--gpus",
+    "gpus_per_node": "--gpus-per-node",
+    "kv_link_gbps": "--kv-link-gbps",
+    "price_per_gpu_hour": "--price",
+    "ttft_overhead_s": "--ttft-overhead-ms",
+    "chunk_budget": "--chunk-budget",
+    "max_num_seqs": "--max-num-seqs",
+    "tp_degrees": "--tp",
+}
+
+
+def _usage_error(exc: InputError) -> click.UsageError:
+    """A usage error for an advisor input error, naming the option behind it when there is one."""
+    option = _OPTION_OF_FIELD.get(exc.field or "")
+    return click.BadParameter(str(exc), param_hint=option) if option else click.UsageError(str(exc))
 
 
 def _duration_s(text: str) -> float:
@@ -213,7 +237,7 @@ def advise(
     """Should prefill and decode run on separate GPU pools? Fits the step model to your steps, screens every
     split and colocated configuration, simulates the best, and says whether splitting pays, with numbers."""
     from phaselens.advisor import report
-    from phaselens.advisor.inputs import Cluster, InputError, Slo
+    from phaselens.advisor.inputs import Cluster, Slo
     from phaselens.advisor.search import Search
     from phaselens.advisor.step_model import NotEnoughStepsError
     from phaselens.advisor.workload import WorkloadError
@@ -290,7 +314,7 @@ def advise(
             max_num_seqs=max_num_seqs,
         )
     except InputError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_error(exc) from None
 
     try:
         if trace is not None:
@@ -339,7 +363,7 @@ def advise(
     try:
         cluster = replace(cluster, ttft_overhead_s=overhead)
     except InputError as exc:
-        raise click.BadParameter(str(exc), param_hint="--ttft-overhead-ms") from None
+        raise _usage_error(exc) from None
     try:
         advice = Search(
             step_model,
@@ -352,7 +376,7 @@ def advise(
             run_s=run_s,
         ).run()
     except InputError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_error(exc) from None
 
     if as_json:
         click.echo(report.to_json(advice))

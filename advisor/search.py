@@ -252,7 +252,8 @@ class Search:
         if not colo and not split:
             raise InputError(
                 f"no placement of {self.cluster.model.name} fits {self.cluster.gpus} x "
-                f"{self.cluster.gpu.name} (weights plus KV for one request)"
+                f"{self.cluster.gpu.name} (weights plus KV for one request)",
+                "gpus",
             )
         self._check_feasible(sc, colo + split)
 
@@ -284,12 +285,14 @@ class Search:
             raise InputError(
                 f"inconsistent SLOs for this workload: TTFT target {self.slo.ttft_s * 1e3:g} ms is below "
                 f"the P{self.slo.ttft_pct:g} prefill time at TP{tp} with no queueing "
-                f"({fastest * 1e3:.0f} ms)"
+                f"({fastest * 1e3:.0f} ms)",
+                "ttft_s",
             )
         if step > self.slo.tpot_s:
             raise InputError(
                 f"inconsistent SLOs for this workload: TPOT target {self.slo.tpot_s * 1e3:g} ms is below "
-                f"one decode step at TP{tp} ({step * 1e3:.1f} ms)"
+                f"one decode step at TP{tp} ({step * 1e3:.1f} ms)",
+                "tpot_s",
             )
         raise InputError(
             "no configuration meets the SLOs at any rate on this cluster "

@@ -736,13 +736,17 @@ def extrapolate_tp(
     pa = base.prefill.a * (0.5 + 0.5 * f) + lat
     prefill = Line3(pa, base.prefill.b * f + comm_per_token, base.prefill.c * f)
 
+    # KV reads split over the GPUs only as far as the KV heads do: past one head a GPU, heads replicate
+    f_kv = f * kv_replication(model, tp) / kv_replication(model, base.tp) if model else f
+
     def dec(line: Line3) -> Line3:
-        return Line3(line.a * (0.5 + 0.5 * f) + lat, line.b * f, line.c * f + comm_per_token)
+        return Line3(line.a * (0.5 + 0.5 * f) + lat, line.b * f_kv, line.c * f + comm_per_token)
 
     mixed = None
     if base.mixed is not None:
         a, bp, cp, bd, cd = base.mixed
-        mixed = (a * (0.5 + 0.5 * f) + lat, bp * f + comm_per_token, cp * f, bd * f, cd * f + comm_per_token)
+        mixed = (a * (0.5 + 0.5 * f) + lat, bp * f + comm_per_token, cp * f, bd * f_kv,
+                 cd * f + comm_per_token)
     return StepCoefficients(
         tp=tp,
         prefill=prefill,
@@ -760,12 +764,20 @@ def extrapolate_tp(
     )
 
 
+def kv_replication(model: ModelConfig, tp: int) -> float:
+    """How many copies of each KV head an instance of ``tp`` GPUs keeps: 1 while the KV heads divide over the
+    GPUs, ``tp / num_kv_heads`` once there are fewer heads than GPUs (each GPU then holds one head, as vLLM
+    replicates them; :func:`~phaselens.advisor.inputs.tp_problem` says which TP degrees are possible)."""
+    return max(1.0, tp / model.num_kv_heads)
+
+
 def kv_capacity_tokens(
     model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2, memory_utilization: float = 0.9
 ) -> int:
-    """KV-cache tokens an instance of ``tp`` GPUs holds once its weights are loaded."""
+    """KV-cache tokens an instance of ``tp`` GPUs holds once its weights are loaded (replicated KV heads
+    take their room on every GPU that holds them)."""
     free = gpu.memory_bytes * tp * memory_utilization - _weight_bytes(model, dtype_bytes)
-    return max(0, int(free // model.kv_bytes_per_token(dtype_bytes)))
+    return max(0, int(free // (model.kv_bytes_per_token(dtype_bytes) * kv_replication(model, tp))))
 
 
 def fits_in_memory(model: ModelConfig, gpu: GpuSpec, tp: int, dtype_bytes: int = 2) -> bool:
@@ -793,6 +805,7 @@ __all__ = [
     "NotEnoughStepsError",
     "quad_term",
     "kv_capacity_tokens",
+    "kv_replication",
     "fits_in_memory",
     "roofline_coefficients",
     "extrapolate_tp",

@@ -137,6 +137,14 @@ def test_bad_values_are_named(inputs):
         *slo,
     )
     assert "--apply needs --engine" in bad(*common, "--gpus", "4", *slo, "--apply")
+    # values the cluster checks are named with the option that carried them
+    assert "Invalid value for --kv-link-gbps: KV link bandwidth must be > 0" in bad(
+        *common, "--gpus", "4", *slo, "--kv-link-gbps", "0")
+    assert "Invalid value for --price" in bad(*common, "--gpus", "4", *slo, "--price", "-1")
+    assert "Invalid value for --ttft-pct" in bad(*common, "--gpus", "4", *slo, "--ttft-pct", "150")
+    out = bad(*common, "--gpus", "4", *slo, "--tp", "3")
+    assert "Invalid value for --tp: TP degree 3 does not fit model 'llama-3.1-8b'" in out
+    assert "32 attention heads do not divide over 3 GPUs" in out
 
 
 def test_slo_no_configuration_can_meet_is_inconsistent(inputs):

@@ -173,3 +173,42 @@ def test_prefill_slope_below_the_gpus_peak_is_raised_and_flagged() -> None:
     fitted = StepModel.fit(read_trace(Path(__file__).parents[1] / "fixtures" / "advisor" /
                                       "steps_h100_8b.jsonl").steps, model=model)
     assert fitted.with_peak_floor(model, h100) is fitted
+
+
+def test_tp_degrees_must_shard_the_attention_heads():
+    """Query heads divide over the GPUs; KV heads divide or, fewer than the GPUs, replicate evenly (vLLM's
+    conditions); the default candidates keep only such degrees, an explicit bad one is refused by name."""
+    from phaselens.advisor.inputs import Cluster, InputError, tp_problem
+    from phaselens.engine.config import ModelConfig
+
+    llama = preset("llama-3.1-8b")  # 32 heads, 8 KV heads
+    assert [tp for tp in (1, 2, 3, 4, 6, 8, 16) if tp_problem(llama, tp) is None] == [1, 2, 4, 8, 16]
+    odd = ModelConfig(name="odd", vocab_size=100, hidden_size=768, intermediate_size=2048, num_layers=2,
+                      num_heads=12, num_kv_heads=6, head_dim=64, max_position_embeddings=2048)
+    assert tp_problem(odd, 4) == "its 6 KV heads neither divide over 4 GPUs nor replicate evenly on them"
+    assert tp_problem(odd, 12) is None  # 6 KV heads, each on two GPUs
+    assert tp_problem(odd, 8) == "its 12 attention heads do not divide over 8 GPUs"
+    h100 = gpu_spec("NVIDIA H100 80GB HBM3")
+    assert Cluster(gpus=16, gpu=h100, model=odd).candidate_tp() == (1, 2)
+    assert Cluster(gpus=16, gpu=h100, model=preset("tiny")).candidate_tp() == (1, 2, 4)  # 4 heads
+    with pytest.raises(InputError, match="TP degree 4 does not fit model 'odd'") as err:
+        Cluster(gpus=16, gpu=h100, model=odd, tp_degrees=(1, 4))
+    assert err.value.field == "tp_degrees"
+
+
+def test_replicated_kv_heads_take_room_and_reads_on_every_gpu():
+    """Past one KV head a GPU the heads replicate: an instance holds fewer tokens than its memory over the
+    unreplicated KV size, and a GPU reads as much KV per token as at one head a GPU."""
+    from phaselens.advisor.step_model import extrapolate_tp, kv_capacity_tokens, kv_replication
+
+    tiny = preset("tiny")  # 4 heads, 2 KV heads
+    h100 = gpu_spec("NVIDIA H100 80GB HBM3")
+    assert [kv_replication(tiny, tp) for tp in (1, 2, 4)] == [1.0, 1.0, 2.0]
+    two, four = kv_capacity_tokens(tiny, h100, 2), kv_capacity_tokens(tiny, h100, 4)
+    # twice the memory, each token stored twice: about the same tokens (the weights are small)
+    assert four == pytest.approx(two, rel=0.01)
+    base = StepModel.fit(synth_steps()).coefficients(1)
+    at2, at4 = extrapolate_tp(base, 2, tiny), extrapolate_tp(base, 4, tiny)
+    assert at2.decode.b == pytest.approx(base.decode.b / 2)
+    assert at4.decode.b == pytest.approx(at2.decode.b)
+    assert at4.prefill.c == pytest.approx(base.prefill.c / 4)
