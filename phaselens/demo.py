@@ -323,6 +323,9 @@ def _run(plan: Plan, procs: Processes, out: Path, run_dir: Path, num_requests: i
                    f" {str(advice['verdict']).upper()}"
                    + (f" (split gain {gain * 100:+.0f}% vs margin {advice['margin'] * 100:.0f}%)"
                       if isinstance(gain, (int, float)) else ""))
+        # what ruled the other verdicts out (a gain above the margin can still fail the robustness checks)
+        for why in advice.get("not_recommended_because", [])[:3]:
+            click.echo(f"  - not recommended: {why}")
         for reason in advice.get("reasons", [])[:3]:
             if isinstance(reason, dict) and reason.get("text"):
                 click.echo(f"  - {reason['text']}")

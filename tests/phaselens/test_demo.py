@@ -31,6 +31,9 @@ def test_demo_quick_prints_the_split_and_a_verdict(tmp_path: Path) -> None:
     assert 0 < gpu["blended"]["tensor_active"] < prefill["tensor_active"]
     assert report["advice"]["verdict"] in ("colocated", "split", "conditional")
     assert report["advice"]["verdict"].upper() in run.stdout
+    # what ruled the other verdicts out is printed with the verdict
+    for why in report["advice"]["not_recommended_because"][:3]:
+        assert f"not recommended: {why}" in run.stdout
     assert report["load"]["completed"] == 60 and report["load"]["failed"] == 0
     assert (out / "report.html").stat().st_size > 10_000
     trace = read_trace(out / "trace.jsonl")
