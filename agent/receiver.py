@@ -36,7 +36,7 @@ from typing import Any, Callable
 from phaselens.agent.state import AgentState
 from phaselens.agent.timeline import Timeline
 from phaselens.phase import Clock, Phase, Role
-from phaselens.trace import MetaRecord, StepRecord, TraceFormatError, parse_record
+from phaselens.trace import MAX_COUNT, MAX_TIME_NS, MetaRecord, StepRecord, TraceFormatError, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ REASONS = ("oversize", "malformed", "unknown_gpu", "time_range", "rate_limited",
 #: the step record's enum fields as the shim writes them (lowercase values); any other spelling goes through
 #: the full parser, which also accepts other cases of role and phase
 _ROLES = {r.value: r for r in Role}
-_PHASES = {p.value: p for p in Phase}
+_PHASES = {p.value: p for p in Phase if p is not Phase.IDLE}  # a step is never idle (phaselens.trace)
 _CLOCKS = {c.value: c for c in Clock}
 _MAX_ID_LEN = 128  # phaselens.trace's bound on gpu_uuid and engine_id
 #: records a batch aims to hold when the socket is drained: the burst that woke the receiver (one record per
@@ -64,9 +64,10 @@ def fast_step(obj: Any) -> StepRecord | None:
 
     The receiver's hot path: every datagram is a step record, and the generic parser spends most of its time
     on per-field helper calls. This checks the same schema (DESIGN.md's step record: identifiers of 1..128
-    characters, the lowercase role/phase/clock values, non-negative integers, finite non-negative floats, t1
-    not before t0) in one pass and builds the same :class:`StepRecord`; it never accepts what the parser
-    rejects (tests/agent/test_receiver.py compares the two on valid and mutated records)."""
+    characters, the lowercase role/phase/clock values (no idle step), integers in 0..MAX_COUNT (timestamps
+    0..MAX_TIME_NS), finite non-negative floats, t1 not before t0) in one pass and builds the same
+    :class:`StepRecord`; it never accepts what the parser rejects (tests/agent/test_receiver.py compares the
+    two on valid and mutated records)."""
     try:
         if obj["type"] != "step":
             return None
@@ -86,6 +87,7 @@ def fast_step(obj: Any) -> StepRecord | None:
             or type(prefill) is not int or type(decode) is not int or type(batch) is not int
             or type(context) is not int
             or step < 0 or t0 < 0 or t1 < t0 or prefill < 0 or decode < 0 or batch < 0 or context < 0
+            or t1 > MAX_TIME_NS or max(step, prefill, decode, batch, context) > MAX_COUNT
             # floats only (the shim's); an integer amount takes the full parser
             or type(flops) is not float or type(nbytes) is not float
             or not (math.isfinite(flops) and flops >= 0 and math.isfinite(nbytes) and nbytes >= 0)):
@@ -98,7 +100,9 @@ def fast_step(obj: Any) -> StepRecord | None:
 class PhaseReceiver:
     """Receives step records on ``socket_path`` and puts the valid ones on ``timeline``.
 
-    ``known_gpus``: UUIDs this agent watches; ``None`` accepts any (it learns them from records).
+    ``known_gpus``: UUIDs this agent watches; ``None`` learns them from the records, up to ``max_gpus``
+    UUIDs of the form ``GPU-...`` or ``MIG-...`` (DESIGN.md: GPUs are named by UUID), so that a sender
+    cannot make the agent export a series set per made-up GPU.
     ``on_step``/``on_meta`` are called for each accepted record (the recorder uses them).
     ``batch_delay_s``: the longest records may gather in the kernel's queue before it is drained (module
     docstring); one GPU at 60 steps/s waits ~70 ms (six records a drain). ``handle_interval_s``: the longest
@@ -108,13 +112,16 @@ class PhaseReceiver:
     def __init__(self, socket_path: str | os.PathLike[str], state: AgentState, timeline: Timeline, *,
                  known_gpus: set[str] | None = None, max_record_bytes: int = 4096,
                  max_rate_per_s: float = 20_000.0, max_age_s: float = 600.0, max_future_s: float = 10.0,
-                 max_step_s: float = 600.0, clock: Callable[[], int] = time.time_ns,
+                 max_step_s: float = 600.0, max_gpus: int = 64, clock: Callable[[], int] = time.time_ns,
                  on_step: Callable[[StepRecord], None] | None = None,
                  on_meta: Callable[[MetaRecord], None] | None = None,
                  batch_delay_s: float = 0.1, handle_interval_s: float = 0.5):
         self.socket_path = Path(socket_path)
         self.state, self.timeline = state, timeline
         self.known_gpus = known_gpus
+        self.max_gpus = max_gpus
+        #: GPUs learned from records (when known_gpus is None)
+        self.learned_gpus: set[str] = set()
         self.max_record_bytes = max_record_bytes
         self.max_rate_per_s = max_rate_per_s
         self.max_age_ns, self.max_future_ns = int(max_age_s * 1e9), int(max_future_s * 1e9)
@@ -290,7 +297,13 @@ class PhaseReceiver:
             return self._reject("not_a_step", "only step and meta records are accepted on the socket")
         if self.known_gpus is not None and rec.gpu_uuid not in self.known_gpus:
             return self._reject("unknown_gpu", f"GPU {rec.gpu_uuid!r} is not watched by this agent")
-        if rec.t1_ns < now - self.max_age_ns or rec.t0_ns > now + self.max_future_ns \
+        if self.known_gpus is None and rec.gpu_uuid not in self.learned_gpus:
+            why = self._learn(rec.gpu_uuid)
+            if why:
+                return self._reject("unknown_gpu", why)
+        # the whole step within [now - max_age, now + max_future]: a step ending far ahead would read as busy
+        # time for minutes to come
+        if rec.t1_ns < now - self.max_age_ns or rec.t1_ns > now + self.max_future_ns \
                 or rec.t1_ns - rec.t0_ns > self.max_step_ns:
             return self._reject("time_range", f"step {rec.t0_ns}..{rec.t1_ns} ns is out of range at {now}")
         self.timeline.add_step(rec)
@@ -298,6 +311,15 @@ class PhaseReceiver:
         if self.on_step:
             self.on_step(rec)
         return True
+
+    def _learn(self, uuid: str) -> str | None:
+        """Learn a GPU from a record; the reason it is refused, or None."""
+        if not (uuid.startswith(("GPU-", "MIG-")) and uuid.isprintable() and " " not in uuid):
+            return f"{uuid!r} is not a GPU UUID (GPU-... or MIG-...)"
+        if len(self.learned_gpus) >= self.max_gpus:
+            return f"GPU {uuid!r} is one more than the {self.max_gpus} GPUs this agent learns at most"
+        self.learned_gpus.add(uuid)
+        return None
 
     def _take_token(self, now: int) -> bool:
         refill = (now - self._refill_ns) / 1e9 * self.max_rate_per_s

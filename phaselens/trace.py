@@ -132,10 +132,19 @@ def _ident(obj: dict[str, Any], key: str) -> str:
     return value
 
 
-def _count(obj: dict[str, Any], key: str) -> int:
+#: bound of a count (tokens, batch, step number): the largest integer a float64 holds exactly, so every
+#: count stays exact in the arithmetic and the exposition downstream (a JSON integer has no bound of its own)
+MAX_COUNT = 2**53
+#: bound of a nanosecond timestamp: a signed 64-bit integer, as time.time_ns() and NVML give them
+MAX_TIME_NS = 2**63 - 1
+
+
+def _count(obj: dict[str, Any], key: str, limit: int = MAX_COUNT) -> int:
     value = _get(obj, key, int)
     if value < 0:
         raise TraceFormatError(f"field {key!r} is negative ({value})")
+    if value > limit:
+        raise TraceFormatError(f"field {key!r} is over {limit} ({str(value)[:20]}...)")
     return value
 
 
@@ -191,8 +200,8 @@ def _parse_step(obj: dict[str, Any]) -> StepRecord:
         role=_enum(obj, "role", Role),
         phase=_enum(obj, "phase", Phase),
         step=_count(obj, "step"),
-        t0_ns=_count(obj, "t0_ns"),
-        t1_ns=_count(obj, "t1_ns"),
+        t0_ns=_count(obj, "t0_ns", MAX_TIME_NS),
+        t1_ns=_count(obj, "t1_ns", MAX_TIME_NS),
         clock=clock,
         prefill_tokens=_count(obj, "prefill_tokens"),
         decode_tokens=_count(obj, "decode_tokens"),
@@ -203,6 +212,9 @@ def _parse_step(obj: dict[str, Any]) -> StepRecord:
     )
     if rec.t1_ns < rec.t0_ns:
         raise TraceFormatError(f"step ends before it starts (t0_ns={rec.t0_ns}, t1_ns={rec.t1_ns})")
+    if rec.phase is Phase.IDLE:
+        # idle is what is left between steps (DESIGN.md "Phases"): a step always runs something
+        raise TraceFormatError("field 'phase': a step is prefill, decode or mixed, never idle")
     return rec
 
 
@@ -222,8 +234,8 @@ def _parse_sample(obj: dict[str, Any]) -> SampleRecord:
     if source not in SOURCES:
         raise TraceFormatError(f"field 'source': unknown source {source!r}; "
                                f"expected one of {', '.join(SOURCES)}")
-    return SampleRecord(gpu_uuid=_ident(obj, "gpu_uuid"), source=source, t_ns=_count(obj, "t_ns"),
-                        values=values)
+    return SampleRecord(gpu_uuid=_ident(obj, "gpu_uuid"), source=source,
+                        t_ns=_count(obj, "t_ns", MAX_TIME_NS), values=values)
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], Record]] = {

@@ -64,6 +64,12 @@ def test_bad_input_is_counted_by_reason(receiver: PhaseReceiver) -> None:
     future = json.loads(now_step())
     future["t0_ns"] += 3600 * 10**9
     future["t1_ns"] += 3600 * 10**9
+    ends_ahead = json.loads(now_step())  # starts now, ends ten minutes on: busy time not yet spent
+    ends_ahead["t1_ns"] += 599 * 10**9
+    huge_count = json.loads(now_step())  # a count no float holds: must not reach the exposition
+    huge_count["prefill_tokens"] = 10**400
+    idle = json.loads(now_step())
+    idle["phase"] = "idle"
     bad = [
         (b"\x00\xff garbage", "malformed"),
         (b"{not json", "malformed"),
@@ -72,6 +78,9 @@ def test_bad_input_is_counted_by_reason(receiver: PhaseReceiver) -> None:
         (now_step(uuid="GPU-unknown"), "unknown_gpu"),
         (json.dumps(far_past).encode(), "time_range"),
         (json.dumps(future).encode(), "time_range"),
+        (json.dumps(ends_ahead).encode(), "time_range"),
+        (json.dumps(huge_count).encode(), "malformed"),
+        (json.dumps(idle).encode(), "malformed"),
         (b'{"type":"sample","gpu_uuid":"GPU-sim-0","source":"gpm","t_ns":1,"values":{}}', "not_a_step"),
     ]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -186,11 +195,12 @@ def _mutations(base: dict) -> list:
     """The base record, and copies with one field wrong in each way the schema can be wrong (or right in a way
     the fast path leaves to the full parser)."""
     out: list = [base, dict(base, extra_key=1), dict(base, flops=5), dict(base, role="COLOCATED"),
-                 dict(base, phase="Decode"), dict(base, t1_ns=base["t0_ns"] - 1),
+                 dict(base, phase="Decode"), dict(base, phase="idle"), dict(base, t1_ns=base["t0_ns"] - 1),
                  dict(base, t1_ns=base["t0_ns"]), dict(base, type="sample"), dict(base, type=1), [base],
                  "step", None]
     values = [True, False, None, -1, 0, 1.5, float("nan"), float("inf"), -0.0, "", "x" * 129, "x" * 128,
-              "gpu", "host", "prefill", "colocated", [], {}, 2**64]
+              "gpu", "host", "prefill", "colocated", [], {}, 2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64,
+              10**400]
     for key in base:
         missing = dict(base)
         del missing[key]
@@ -199,7 +209,7 @@ def _mutations(base: dict) -> list:
     return out
 
 
-@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("phase", Phase.busy())
 def test_fast_step_accepts_exactly_what_the_parser_accepts_and_builds_the_same_record(phase: Phase) -> None:
     base = record_to_dict(step("GPU-sim-0", phase, 1_000, 2_000, 7, flops=1e12, nbytes=2e9))
     assert fast_step(base) == parse_record(base)  # the shim's records take the fast path
@@ -262,3 +272,20 @@ def test_steps_between_matches_a_full_scan_with_late_arrivals() -> None:
         b = a + rng.randrange(0, 300) * 10**6
         want = [s for s in order if s.t0_ns <= b and s.t1_ns >= a]
         assert tl.steps_between("GPU-1", a, b) == want
+
+
+def test_learned_gpus_are_uuids_and_bounded(tmp_path: Path) -> None:
+    """Without a list of GPUs the receiver learns them from the records, but only GPU-/MIG- UUIDs and at most
+    max_gpus of them: a sender cannot make the agent export a series set per made-up GPU."""
+    rx = PhaseReceiver(tmp_path / "s.sock", AgentState("t"), Timeline(horizon_s=60), known_gpus=None,
+                       max_gpus=3)
+    for data in [now_step(uuid=" "), now_step(uuid="gpu0"), now_step(uuid="GPU-a\nb")]:
+        assert not rx.handle(data)
+    for i in range(5):
+        rx.handle(now_step(uuid=f"GPU-{i}"))
+    rx.handle(now_step(uuid="MIG-0"))
+    rx.handle(now_step(uuid="GPU-0", i=1))  # a learned GPU keeps being accepted
+    snap = rx.state.snapshot()
+    assert snap.shim_received == 4 and snap.shim_rejected == {"unknown_gpu": 6}
+    assert rx.learned_gpus == {"GPU-0", "GPU-1", "GPU-2"}
+    assert rx.timeline.gpu_count() == 3
