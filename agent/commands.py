@@ -90,6 +90,18 @@ def _build(cfg: AgentConfig, **kw: Any) -> Any:
         raise
 
 
+def _otlp(daemon: Any) -> Any:
+    """The OTLP exporter the standard OTEL_* variables configure, or None without an endpoint; a bad value
+    is a usage error naming the variable."""
+    try:
+        from phaselens.exporters.otlp import from_environment
+
+        return from_environment(daemon.state)
+    except (ValueError, ImportError) as exc:
+        daemon.close()
+        raise click.UsageError(f"OTLP export: {exc}") from None
+
+
 def _start_receiver(daemon: Any, cfg: AgentConfig) -> None:
     try:
         daemon.start_receiver()
@@ -122,9 +134,14 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               envvar="PHASELENS_RECORD", help="Also write a trace (steps and every sample) to this file.")
 def agent(record_path: Path | None, **kw: Any) -> None:
-    """Run the node agent: sample GPUs, receive phases, attribute, serve /metrics and /health."""
+    """Run the node agent: sample GPUs, receive phases, attribute, serve /metrics and /health.
+
+    With OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) set, the same metrics are also
+    pushed over OTLP (OTEL_EXPORTER_OTLP_PROTOCOL http/protobuf or grpc, every OTEL_METRIC_EXPORT_INTERVAL
+    ms)."""
     cfg = _config(**kw)
     daemon = _build(cfg)
+    otlp = _otlp(daemon)
     if record_path is not None:
         from phaselens.trace import TraceWriter
 
@@ -150,6 +167,8 @@ def agent(record_path: Path | None, **kw: Any) -> None:
         daemon.run()
     finally:
         server.shutdown()
+        if otlp is not None:
+            otlp.shutdown()  # the last export
 
 
 @click.command("record")

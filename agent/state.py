@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import bisect
 import copy
+import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from phaselens.phase import Phase
 from phaselens.trace import StepRecord
+
+log = logging.getLogger(__name__)
 
 #: Step-duration histogram bucket upper bounds, seconds (engine steps take ~1 ms to ~1 s).
 STEP_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -130,6 +134,8 @@ class AgentState:
         self._raw: dict[str, dict[str, float]] = defaultdict(dict)
         self._received = 0
         self._rejected: dict[str, int] = defaultdict(int)
+        self._step_listeners: list[Callable[[StepRecord], None]] = []
+        self._failed_listeners: set[int] = set()  # logged once each
         self._sampler_errors: dict[str, int] = defaultdict(int)
         self._recorder_error = ""
 
@@ -146,6 +152,11 @@ class AgentState:
     def publish_attribution(self, result: GpuAttribution) -> None:
         with self._lock:
             self._attribution[result.gpu.uuid] = result
+
+    def add_step_listener(self, listener: Callable[[StepRecord], None]) -> None:
+        """Call ``listener`` with every step observed from now on (the OTLP exporter records its duration
+        histogram from the steps themselves). It runs on the observing thread and must not block."""
+        self._step_listeners.append(listener)
 
     def observe_step(self, step: StepRecord, *, received: bool = False) -> None:
         """Count one step's busy time, tokens and duration; ``received``: also count it as a record received
@@ -164,6 +175,13 @@ class AgentState:
                 hist = Histogram(STEP_DURATION_BUCKETS_S, [0] * len(STEP_DURATION_BUCKETS_S))
                 self._durations[key] = hist
             hist.observe(step.duration_s)
+        for listener in self._step_listeners:
+            try:
+                listener(step)
+            except Exception:  # noqa: BLE001 - an exporter's fault must not end the receiving thread
+                if id(listener) not in self._failed_listeners:
+                    self._failed_listeners.add(id(listener))
+                    log.exception("step listener %r failed (logged once; it keeps being called)", listener)
 
     def update_raw(self, gpu_uuid: str, values: dict[str, float | None]) -> None:
         with self._lock:

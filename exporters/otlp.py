@@ -130,6 +130,8 @@ class OtlpExporter:
         step = catalogue.metric("phaselens_step_duration_seconds")
         self._steps = self.meter.create_histogram(step.otel_name, unit=step.otel_unit, description=step.help,
                                                   explicit_bucket_boundaries_advisory=list(step.buckets))
+        if endpoint:  # every step the agent observes from now on (receiver or replay) goes to the histogram
+            state.add_step_listener(self.observe_step)
 
     def _families(self, refresh: bool) -> dict[str, Any]:
         # One snapshot serves every callback of one collection: the SDK runs the callbacks back to back in

@@ -211,3 +211,41 @@ def test_from_environment(http_receiver: Any) -> None:
     with pytest.raises(ValueError, match="OTEL_METRIC_EXPORT_INTERVAL='soon'"):
         from_environment(full_state(), {"OTEL_EXPORTER_OTLP_ENDPOINT": url,
                                         "OTEL_METRIC_EXPORT_INTERVAL": "soon"})
+
+
+def test_agent_pushes_over_otlp_when_the_environment_names_an_endpoint(http_receiver: Any) -> None:
+    """``phaselens agent`` wires the exporter in: with OTEL_EXPORTER_OTLP_ENDPOINT set, a running agent pushes
+    its per-phase gauges and the step-duration histogram of the steps it sees; a bad protocol is a usage
+    error naming the variable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    url, received = http_receiver
+    trace = Path(__file__).parents[1] / "fixtures" / "attribution" / "regime_8b.jsonl"
+    args = [sys.executable, "-m", "phaselens", "agent", "--source", "replay", "--replay-trace", str(trace),
+            "--replay-speed", "5", "--attribute-interval-s", "0.5", "--listen-address", "127.0.0.1",
+            "--port", "0"]
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=url, OTEL_METRIC_EXPORT_INTERVAL="300")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        names: dict[str, Any] = {}
+        while not {"phaselens.phase.utilization", "phaselens.step.duration"} <= set(names):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, sorted(names)
+            for req in list(received):
+                names.update(_decoded_names(req))
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    steps = names["phaselens.step.duration"].histogram.data_points
+    assert sum(p.count for p in steps) > 0
+    assert {kv.key for kv in steps[0].attributes} >= {"hw.id", "phaselens.phase"}
+    bad = subprocess.run(args, env=dict(env, OTEL_EXPORTER_OTLP_PROTOCOL="http/json"), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "OTEL_EXPORTER_OTLP_PROTOCOL='http/json'" in bad.stderr, bad.stderr
