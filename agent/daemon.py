@@ -73,6 +73,8 @@ class AgentDaemon:
         self._reads_steps = any(getattr(s, "reads_steps", False) for s, _ in samplers)
         self.attributor = Attributor(AttributionConfig(method=config.method, horizon_s=config.horizon_s))
         self.gpus: dict[str, GpuIdentity] = {g.uuid: g for g in gpus}
+        #: the ``source`` label of a GPU learned later (from a step): the agent's source
+        self.source_label = config.source
         self.specs: dict[str, GpuSpec | None] = {}
         self._next_attr_ns = 0
         self._stop = threading.Event()
@@ -158,7 +160,7 @@ class AgentDaemon:
             if self.receiver is not None and uuid in self.receiver.metas:
                 meta = self.receiver.metas[uuid]
                 name = next((g.name for g in meta.gpus if g.uuid == uuid), "")
-            ident = self.gpus[uuid] = GpuIdentity(uuid=uuid, index=-1, name=name)
+            ident = self.gpus[uuid] = GpuIdentity(uuid=uuid, index=-1, name=name, source=self.source_label)
             self.state.set_gpus(list(self.gpus.values()))
         return ident
 
@@ -311,6 +313,7 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
     gpus: list[GpuIdentity] = []
     known: set[str] | None = None
     uuids = config.gpus or None
+    simulated: set[str] = set()  # GPUs of a replayed trace whose counters were simulated
     if config.source in ("gpm", "nvml"):
         samplers, gpus = _nvml_samplers(config, nvml, uuids)
         known = {g.uuid for g in gpus} if gpus else None
@@ -329,7 +332,8 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
             raise ValueError(f"simulated_gpus must be >= 1, got {config.simulated_gpus}")
         sim_uuids = [f"GPU-sim-{i}" for i in range(config.simulated_gpus)]
         samplers.append((SimulatedSampler(sim_uuids, timeline, seed=config.seed), config.poll_interval_ms))
-        gpus = [GpuIdentity(uuid=u, index=i, name="simulated") for i, u in enumerate(sim_uuids)]
+        gpus = [GpuIdentity(uuid=u, index=i, name="simulated", source="simulated")
+                for i, u in enumerate(sim_uuids)]
         known = set(sim_uuids)
     else:
         from phaselens.agent.samplers.replay import ReplaySampler
@@ -339,10 +343,17 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
         replay = ReplaySampler(config.replay_trace, speed=config.replay_speed)
         samplers.append((replay, config.poll_interval_ms))
         meta = replay.trace.meta
-        gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name) for g in (meta.gpus if meta else ())]
+        # a replayed trace of simulated counters stays labelled simulated
+        simulated = {s.gpu_uuid for s in replay.trace.samples if s.source == "simulated"}
+        gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name,
+                            source="simulated" if g.uuid in simulated else "replay")
+                for g in (meta.gpus if meta else ())]
         with_receiver = False  # the steps come from the trace
     receiver = PhaseReceiver(config.socket_path, state, timeline, known_gpus=known) if with_receiver else None
-    return AgentDaemon(config, state, timeline, samplers, gpus, receiver)
+    daemon = AgentDaemon(config, state, timeline, samplers, gpus, receiver)
+    if simulated:
+        daemon.source_label = "simulated"
+    return daemon
 
 
 def _nvml_samplers(config: AgentConfig, nvml: Any, uuids: list[str] | None
@@ -374,5 +385,6 @@ def _nvml_samplers(config: AgentConfig, nvml: Any, uuids: list[str] | None
         except Exception as exc:  # noqa: BLE001 - NVMLError (no driver, no GPU) is no OSError
             samplers.append((DeferredSampler(name, factory, f"{type(exc).__name__}: {exc}"), interval_ms))
     nv = samplers[-1][0]
-    gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name) for g in getattr(nv, "gpus", [])]
+    gpus = [GpuIdentity(uuid=g.uuid, index=g.index, name=g.name, source=config.source)
+            for g in getattr(nv, "gpus", [])]
     return samplers, gpus

@@ -48,6 +48,8 @@ class GpuIdentity:
     pod: str = ""
     namespace: str = ""
     container: str = ""
+    #: where its counters come from: the agent's source, or "simulated" for generated data (never real)
+    source: str = ""
 
 
 @dataclass

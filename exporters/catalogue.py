@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Labels every per-GPU series carries. Empty values mean "not known" (e.g. no pod outside Kubernetes);
-#: Prometheus treats an empty label as absent, so queries need no special case.
+#: Prometheus treats an empty label as absent, so queries need no special case. ``source`` says where the
+#: GPU's counters come from (gpm, nvml, dcgm, replay) and is ``simulated`` for generated data, so that no
+#: query mistakes it for a real GPU.
 GPU_LABELS: tuple[str, ...] = ("hostname", "gpu", "gpu_uuid", "model_name", "role", "pod", "namespace",
-                               "container")
+                               "container", "source")
 #: Labels of the engine's own (per-engine, not per-GPU) series.
 ENGINE_LABELS: tuple[str, ...] = ("hostname", "model_name", "role")
 #: ... and of the series one engine worker reports.

@@ -58,6 +58,7 @@ ATTRIBUTE_KEYS: dict[str, str] = {
     "reason": "phaselens.reason",
     "version": "service.version",
     "pool": "phaselens.pool",
+    "source": "phaselens.source",
 }
 
 

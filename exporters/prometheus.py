@@ -55,7 +55,7 @@ def _family(spec: MetricSpec) -> Any:
 def gpu_label_values(gpu: GpuIdentity, hostname: str) -> list[str]:
     """Values of catalogue.GPU_LABELS for one GPU, in order."""
     return [hostname, str(gpu.index) if gpu.index >= 0 else "", gpu.uuid, gpu.model_name, gpu.role, gpu.pod,
-            gpu.namespace, gpu.container]
+            gpu.namespace, gpu.container, gpu.source]
 
 
 class AgentCollector(Collector):

@@ -173,3 +173,38 @@ def test_record_with_simulated_source_writes_a_trace(tmp_path: Path) -> None:
     assert trace.meta is not None and trace.meta.gpus[0].uuid == "GPU-sim-0"
     assert len(trace.samples) >= 10 and all(s.source == "simulated" for s in trace.samples)
     assert trace.malformed == 0
+
+
+def test_every_gpu_series_says_where_its_counters_come_from(tmp_path: Path) -> None:
+    """The per-GPU series carry ``source``: ``simulated`` for the simulated source and for a replayed trace of
+    simulated counters, so that no query mistakes generated data for a real GPU; ``replay`` for a replayed
+    recording of real counters."""
+    from prometheus_client import generate_latest
+
+    from phaselens.exporters.prometheus import agent_registry
+
+    def exposition(daemon: AgentDaemon) -> list[str]:
+        daemon.tick()
+        return [line for line in generate_latest(agent_registry(daemon.state)).decode().splitlines()
+                if "gpu_uuid=" in line]
+
+    sim = build_daemon(AgentConfig(source="simulated", attribute_interval_s=0.1), with_receiver=False)
+    lines = exposition(sim)
+    assert lines and all('source="simulated"' in line for line in lines)
+
+    real = Path(__file__).parents[1] / "fixtures" / "attribution" / "regime_short.jsonl"
+    lines = exposition(build_daemon(AgentConfig(source="replay", replay_trace=str(real))))
+    assert lines and all('source="replay"' in line for line in lines)
+
+    uuid = "GPU-sim-0"
+    simulated_trace = tmp_path / "sim.jsonl"
+    simulated_trace.write_text("\n".join([
+        json.dumps({"type": "meta", "version": 1, "host": "h", "gpus": [{"uuid": uuid, "index": 0,
+                                                                         "name": "simulated"}]}),
+        dumps(step(uuid, Phase.DECODE, T0, T0 + 10_000_000, 0)),
+        json.dumps({"type": "sample", "gpu_uuid": uuid, "source": "simulated", "t_ns": T0 + 5_000_000,
+                    "values": {"sm_active": 0.5}}),
+    ]) + "\n")
+    replayed = build_daemon(AgentConfig(source="replay", replay_trace=str(simulated_trace)))
+    assert replayed.state.snapshot().gpus[uuid].source == "simulated"
+    assert replayed.source_label == "simulated"

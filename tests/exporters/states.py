@@ -10,8 +10,8 @@ from phaselens.trace import StepRecord
 
 H100 = "NVIDIA H100 80GB HBM3"
 GPU0 = GpuIdentity(uuid="GPU-1111", index=0, name=H100, model_name="tiny", role="colocated",
-                   pod="engine-0", namespace="llm", container="engine")
-GPU1 = GpuIdentity(uuid="GPU-2222", index=1, name=H100, model_name="tiny", role="colocated")
+                   pod="engine-0", namespace="llm", container="engine", source="gpm")
+GPU1 = GpuIdentity(uuid="GPU-2222", index=1, name=H100, model_name="tiny", role="colocated", source="gpm")
 
 
 def _step(uuid: str, phase: Phase, n: int, t0: int, dur_ns: int, prefill: int, decode: int) -> StepRecord:

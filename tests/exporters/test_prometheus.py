@@ -88,7 +88,7 @@ def test_values_match_the_state() -> None:
     snap = state.snapshot()
     v = _values(generate_latest(agent_registry(state)).decode())
     labels = dict(hostname="node-a", gpu="0", gpu_uuid=GPU0.uuid, model_name="tiny", role="colocated",
-                  pod="engine-0", namespace="llm", container="engine")
+                  pod="engine-0", namespace="llm", container="engine", source="gpm")
     key = tuple(sorted({**labels, "phase": "prefill", "metric": "dram_active"}.items()))
     assert v[("phaselens_phase_utilization_ratio", key)] == 0.3
     idle = tuple(sorted({**labels, "phase": "idle"}.items()))
