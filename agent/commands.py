@@ -8,17 +8,31 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import click
 
 from phaselens.agent.daemon import SOURCES, AgentConfig
 
 log = logging.getLogger(__name__)
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan passes every range comparison, and neither is a
+    duration or a speed (nan reached int() deep in the daemon as a traceback)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        out = super().convert(value, param, ctx)
+        if not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return out
 
 
 def _common(fn: Any) -> Any:
@@ -28,13 +42,13 @@ def _common(fn: Any) -> Any:
                      envvar="PHASELENS_SOURCE", help="Where GPU counters come from."),
         click.option("--socket-path", default="/run/phaselens/phaselens.sock", show_default=True,
                      envvar="PHASELENS_SOCKET_PATH", help="Unix datagram socket the engines' shims send to."),
-        click.option("--poll-interval-ms", type=click.FloatRange(1.0, 10_000.0), default=10.0,
+        click.option("--poll-interval-ms", type=FiniteRange(1.0, 10_000.0), default=10.0,
                      show_default=True, envvar="PHASELENS_POLL_INTERVAL_MS",
                      help="Poll interval around an expected counter refresh (GPM sleeps between)."),
-        click.option("--nvml-interval-ms", type=click.FloatRange(10.0, 60_000.0), default=1000.0,
+        click.option("--nvml-interval-ms", type=FiniteRange(10.0, 60_000.0), default=1000.0,
                      show_default=True, envvar="PHASELENS_NVML_INTERVAL_MS",
                      help="Poll interval of the NVML fields next to GPM, and of --source dcgm."),
-        click.option("--horizon-s", type=click.FloatRange(5.0, 3600.0), default=60.0, show_default=True,
+        click.option("--horizon-s", type=FiniteRange(5.0, 3600.0), default=60.0, show_default=True,
                      envvar="PHASELENS_HORIZON_S", help="Sliding horizon of the attribution."),
         click.option("--gpu", "gpus", multiple=True, envvar="PHASELENS_GPUS",
                      help="GPU UUID to watch (repeatable; default all)."),
@@ -44,7 +58,7 @@ def _common(fn: Any) -> Any:
                      envvar="PHASELENS_SIMULATED_GPUS", help="GPU-sim-<n> count (--source simulated)."),
         click.option("--replay-trace", type=click.Path(exists=True, dir_okay=False), default=None,
                      envvar="PHASELENS_REPLAY_TRACE", help="Trace file to replay (--source replay)."),
-        click.option("--replay-speed", type=click.FloatRange(0.01, 1000.0, min_open=False), default=1.0,
+        click.option("--replay-speed", type=FiniteRange(0.01, 1000.0, min_open=False), default=1.0,
                      show_default=True, envvar="PHASELENS_REPLAY_SPEED"),
     ]
     for option in reversed(options):
@@ -64,8 +78,16 @@ def _config(**kw: Any) -> AgentConfig:
             setattr(cfg, key, kw[key])
     if cfg.source == "replay" and not cfg.replay_trace:
         raise click.BadParameter("--source replay needs --replay-trace FILE", param_hint="--replay-trace")
-    if cfg.source == "dcgm" and not cfg.dcgm_url.startswith(("http://", "https://")):
-        raise click.BadParameter(f"{cfg.dcgm_url!r} is not an http(s) URL", param_hint="--dcgm-url")
+    if cfg.source == "dcgm" and not (cfg.dcgm_url.startswith(("http://", "https://"))
+                                     and urlparse(cfg.dcgm_url).hostname):
+        raise click.BadParameter(f"{cfg.dcgm_url!r} is not an http(s) URL with a host",
+                                 param_hint="--dcgm-url")
+    if "listen_address" in kw:
+        try:
+            socket.getaddrinfo(cfg.listen_address, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise click.BadParameter(f"{cfg.listen_address!r} is not an address to listen on: {exc}",
+                                     param_hint="--listen-address") from None
     sock_dir = Path(cfg.socket_path).parent
     if cfg.source != "replay" and sock_dir.exists() and not sock_dir.is_dir():
         raise click.BadParameter(f"{sock_dir} is not a directory", param_hint="--socket-path")
@@ -123,7 +145,7 @@ def _stop_on_signals(stop: Any) -> None:
 @_common
 @click.option("--method", type=click.Choice(["unmix", "naive"]), default="unmix", show_default=True,
               envvar="PHASELENS_METHOD", help="Attribution method.")
-@click.option("--attribute-interval-s", type=click.FloatRange(0.1, 600.0), default=15.0, show_default=True,
+@click.option("--attribute-interval-s", type=FiniteRange(0.1, 600.0), default=15.0, show_default=True,
               envvar="PHASELENS_ATTRIBUTE_INTERVAL_S",
               help="How often the attribution is recomputed (default: the PodMonitor's scrape interval; more "
                    "often only computes results no scrape reads).")
@@ -174,7 +196,7 @@ def agent(record_path: Path | None, **kw: Any) -> None:
 @click.command("record")
 @_common
 @click.argument("output", type=click.Path(dir_okay=False, writable=True, path_type=Path))
-@click.option("--duration-s", type=click.FloatRange(0.0, min_open=True), default=None,
+@click.option("--duration-s", type=FiniteRange(0.0, min_open=True), default=None,
               envvar="PHASELENS_DURATION_S", help="Stop after this long (default: until Ctrl-C).")
 def record(output: Path, duration_s: float | None, **kw: Any) -> None:
     """Record a trace: meta, the steps the shims send, and every sample, as JSON Lines in OUTPUT."""
@@ -215,7 +237,7 @@ def record(output: Path, duration_s: float | None, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print DESIGN.md's JSON shape.")
 @click.option("--method", type=click.Choice(["unmix", "naive"]), default="unmix", show_default=True,
               envvar="PHASELENS_METHOD")
-@click.option("--horizon-s", type=click.FloatRange(1.0, min_open=False), default=None,
+@click.option("--horizon-s", type=FiniteRange(1.0, min_open=False), default=None,
               help="Attribute only the last N seconds (default: the whole trace).")
 def attribute(trace_path: str, as_json: bool, method: str, horizon_s: float | None) -> None:
     """Attribute a recorded TRACE offline and print per-phase values per GPU."""

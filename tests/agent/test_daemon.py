@@ -112,6 +112,17 @@ def test_agent_flags_are_validated_with_the_bad_value_named(tmp_path: Path) -> N
     assert r.exit_code == 2 and "localhost:9400" in r.output
     r = runner.invoke(cli, ["agent"], env={"PHASELENS_POLL_INTERVAL_MS": "fast"})
     assert r.exit_code == 2 and "fast" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "dcgm", "--dcgm-url", "http://"])
+    assert r.exit_code == 2 and "'http://' is not an http(s) URL with a host" in r.output
+    r = runner.invoke(cli, ["agent", "--source", "simulated", "--listen-address", "999.1.1.1"])
+    assert r.exit_code == 2 and "--listen-address" in r.output and "999.1.1.1" in r.output
+    # nan passes every range comparison; it is refused by name, as an unbounded inf is
+    for flag, value in [("--attribute-interval-s", "nan"), ("--replay-speed", "nan"), ("--horizon-s", "nan")]:
+        r = runner.invoke(cli, ["agent", "--source", "simulated", flag, value])
+        assert r.exit_code == 2 and f"'{value}' is not a finite number" in r.output and flag in r.output
+    out = str(tmp_path / "t.jsonl")
+    r = runner.invoke(cli, ["record", out, "--source", "simulated", "--duration-s", "inf"])
+    assert r.exit_code == 2 and "'inf' is not a finite number" in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
