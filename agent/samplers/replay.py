@@ -1,7 +1,8 @@
 """Replay sampler: feeds a recorded trace through the live path (timeline -> attribution -> publish).
 
 Samples and steps keep their sources and their spacing; times are shifted so the trace's first record lands
-at the replay's start (the agent's horizon is wall-clock). ``speed`` > 1 replays faster. The steps come out of
+at the replay's start (the agent's horizon is wall-clock). ``speed`` > 1 replays faster: step durations
+shrink by it, and so do their FLOPs and bytes, so that MFU/MBU are those recorded. The steps come out of
 :meth:`steps_due` for the daemon to put on the timeline, as if the shim had sent them.
 """
 
@@ -64,6 +65,9 @@ class ReplaySampler:
         out = []
         while self._i_step < len(self._steps) and self._steps[self._i_step].t1_ns <= trace_now:
             s = self._steps[self._i_step]
-            out.append(dataclasses.replace(s, t0_ns=self._shift(s.t0_ns), t1_ns=self._shift(s.t1_ns)))
+            # a step shortened by the speed did its work in less time: FLOPs and bytes shrink with it, so
+            # that per-phase MFU/MBU (work over duration over peak) read as recorded at any speed
+            out.append(dataclasses.replace(s, t0_ns=self._shift(s.t0_ns), t1_ns=self._shift(s.t1_ns),
+                                           flops=s.flops / self.speed, bytes=s.bytes / self.speed))
             self._i_step += 1
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import random
 
@@ -236,7 +237,9 @@ def test_simulated_refreshes_every_100ms_with_the_phase_signature() -> None:
 
 def test_replay_keeps_spacing_and_shifts_to_now() -> None:
     base = 5_000_000_000
-    trace = Trace(steps=[_step("GPU-1", Phase.DECODE, base, base + 10_000_000)],
+    recorded = dataclasses.replace(_step("GPU-1", Phase.DECODE, base, base + 10_000_000), flops=1e12,
+                                   bytes=2e9)
+    trace = Trace(steps=[recorded],
                   samples=[SampleRecord("GPU-1", "gpm", base + i * 100_000_000, {"sm_active": 0.5})
                            for i in range(5)])
     clock = Clock_(10**15)
@@ -245,7 +248,13 @@ def test_replay_keeps_spacing_and_shifts_to_now() -> None:
     clock.t += 100_000_000  # 0.1 s at 2x = 0.2 s of trace
     got = r.sample()
     assert [g.t_ns - 10**15 for g in got] == [50_000_000, 100_000_000]
-    assert len(r.steps_due()) == 1 and not r.finished
+    (due,) = r.steps_due()
+    assert not r.finished
+    # half the duration at 2x, and half the work in it: FLOPs and bytes per second as recorded (MFU, MBU)
+    orig = trace.steps[0]
+    assert due.t1_ns - due.t0_ns == 5_000_000
+    assert due.flops / due.duration_s == pytest.approx(orig.flops / orig.duration_s)
+    assert due.bytes / due.duration_s == pytest.approx(orig.bytes / orig.duration_s)
     clock.t += 10**9
     r.sample()
     assert r.finished
