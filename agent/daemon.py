@@ -341,6 +341,9 @@ def build_daemon(config: AgentConfig, state: AgentState | None = None, *, nvml: 
         if not config.replay_trace:
             raise ValueError("source 'replay' needs a trace file (--replay-trace)")
         replay = ReplaySampler(config.replay_trace, speed=config.replay_speed)
+        if not replay.trace.steps and not replay.trace.samples:
+            raise ValueError(f"{config.replay_trace} holds no step or sample records to replay "
+                             f"({replay.trace.malformed} malformed lines)")
         samplers.append((replay, config.poll_interval_ms))
         meta = replay.trace.meta
         # a replayed trace of simulated counters stays labelled simulated

@@ -112,6 +112,10 @@ def test_agent_flags_are_validated_with_the_bad_value_named(tmp_path: Path) -> N
     assert r.exit_code == 2 and "localhost:9400" in r.output
     r = runner.invoke(cli, ["agent"], env={"PHASELENS_POLL_INTERVAL_MS": "fast"})
     assert r.exit_code == 2 and "fast" in r.output
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n{}\n")
+    r = runner.invoke(cli, ["agent", "--source", "replay", "--replay-trace", str(junk)])
+    assert r.exit_code == 2 and "holds no step or sample records to replay (2 malformed lines)" in r.output
     r = runner.invoke(cli, ["agent", "--source", "dcgm", "--dcgm-url", "http://"])
     assert r.exit_code == 2 and "'http://' is not an http(s) URL with a host" in r.output
     r = runner.invoke(cli, ["agent", "--source", "simulated", "--listen-address", "999.1.1.1"])
