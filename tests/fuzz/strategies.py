@@ -18,17 +18,18 @@ json_values = st.recursive(
 )
 
 _ids = st.text(min_size=1, max_size=40)
-_counts = st.integers(min_value=0, max_value=2**62)
+_counts = st.integers(min_value=0, max_value=2**53)  # phaselens.trace.MAX_COUNT
+_times = st.integers(min_value=0, max_value=2**62)
 _amounts = st.floats(min_value=0, max_value=1e18, allow_nan=False)
 
 
 @st.composite
 def step_dicts(draw: Any) -> dict[str, Any]:
     """A valid step record as a JSON object."""
-    t0 = draw(_counts)
+    t0 = draw(_times)
     return {"type": "step", "gpu_uuid": draw(_ids), "engine_id": draw(_ids),
             "role": draw(st.sampled_from([r.value for r in Role])),
-            "phase": draw(st.sampled_from([p.value for p in Phase])), "step": draw(_counts),
+            "phase": draw(st.sampled_from([p.value for p in Phase.busy()])), "step": draw(_counts),
             "t0_ns": t0, "t1_ns": t0 + draw(st.integers(0, 10**12)),
             "clock": draw(st.sampled_from([c.value for c in Clock])),
             "prefill_tokens": draw(_counts), "decode_tokens": draw(_counts), "batch": draw(_counts),
@@ -41,7 +42,7 @@ def sample_dicts(draw: Any) -> dict[str, Any]:
 
     values = draw(st.dictionaries(st.sampled_from(METRIC_KEYS), st.none() | st.floats(0, 1e12), max_size=6))
     return {"type": "sample", "gpu_uuid": draw(_ids), "source": draw(st.sampled_from(SOURCES)),
-            "t_ns": draw(_counts), "values": values}
+            "t_ns": draw(_times), "values": values}
 
 
 @st.composite
