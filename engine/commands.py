@@ -49,7 +49,7 @@ def generate(preset: str | None, model_path: str | None, prompts: tuple[str, ...
     # heavy imports only when the command runs (phaselens --help stays fast)
     from phaselens.engine.llm_engine import EngineConfig, LLMEngine
     from phaselens.engine.loader import resolve
-    from phaselens.engine.sampling_params import SamplingParams
+    from phaselens.engine.sampling_params import SamplingParams, SamplingParamsError
 
     if preset is not None and model_path is not None:
         raise click.UsageError("give --preset or --model, not both")
@@ -65,10 +65,8 @@ def generate(preset: str | None, model_path: str | None, prompts: tuple[str, ...
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
-    except ValueError as exc:
-        hint = next((f"'--{n.replace('_', '-')}'" for n in ("max_tokens", "temperature", "top_p", "top_k",
-                                                            "seed", "stop") if str(exc).startswith(n)), None)
-        raise click.BadParameter(str(exc), param_hint=hint) from None
+    except SamplingParamsError as exc:  # it names its field: "at most 16 stop strings" is --stop's fault
+        raise click.BadParameter(str(exc), param_hint=f"'--{exc.param.replace('_', '-')}'") from None
     if any(not p for p in prompts):
         raise click.BadParameter("empty prompt", param_hint="'--prompt'")
     config = EngineConfig(model=model, device=device, max_num_batched_tokens=max_num_batched_tokens,

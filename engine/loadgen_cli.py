@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 
 import click
 
-from phaselens.engine.loadgen import SHAREGPT_OUTPUT, SHAREGPT_PROMPT
+from phaselens.engine.loadgen import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, RequestResult
 
 _P, _O = SHAREGPT_PROMPT, SHAREGPT_OUTPUT
 _POS = click.FloatRange(min=0, min_open=True)
@@ -22,6 +23,34 @@ def _rate(value: str) -> float:
     if not rate > 0:
         raise click.BadParameter(f"{value!r}: the rate must be > 0 (or inf)", param_hint="--rate")
     return rate
+
+
+def _check_url(url: str) -> str:
+    """The base URL without a trailing slash; BadParameter unless it is ``http(s)://host[:port]``."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise click.BadParameter(f"{url!r}: expected http://host:port", param_hint="--url")
+    return url.rstrip("/")
+
+
+def _check_writable(path: str) -> None:
+    """BadParameter unless ``path`` can be written, checked before the run (a run's results must not be lost
+    to a bad path at the end). A file made by the check is removed again."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        with p.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {path!r}: {exc.strerror or exc}",
+                                 param_hint="--json") from None
+    if not existed:
+        p.unlink(missing_ok=True)
+
+
+def first_error(results: list[RequestResult]) -> str | None:
+    """The first failed request's error message (None when none failed)."""
+    return next((r.error or "incomplete stream" for r in results if not r.ok), None)
 
 
 def _fmt(x: float | None, scale: float = 1e3) -> str:
@@ -98,6 +127,9 @@ def load(url: str, model: str | None, num_requests: int, rate: str, burstiness: 
                                           read_lengths, results_json, summarize)
 
     rate_v = _rate(rate)
+    base = _check_url(url)
+    if json_path is not None and json_path != "-":
+        _check_writable(json_path)
     if prompt_min > prompt_max:
         raise click.BadParameter(f"--prompt-min {prompt_min} > --prompt-max {prompt_max}",
                                  param_hint="--prompt-min")
@@ -114,7 +146,6 @@ def load(url: str, model: str | None, num_requests: int, rate: str, burstiness: 
                         prompt=LengthDist(prompt_median, prompt_sigma, prompt_min, prompt_max),
                         output=LengthDist(output_median, output_sigma, output_min, output_max),
                         lengths=lengths, turns=turns, think_time_s=think_time, shared_prefix=shared_prefix)
-    base = url.rstrip("/")
     try:
         served = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -146,4 +177,15 @@ def load(url: str, model: str | None, num_requests: int, rate: str, burstiness: 
     else:
         print_summary(summary)
         if json_path:
-            Path(json_path).write_text(json.dumps(doc) + "\n")
+            try:
+                Path(json_path).write_text(json.dumps(doc) + "\n")
+            except OSError as exc:  # the path went bad during the run: keep the results on stdout
+                click.echo(json.dumps(doc))
+                raise click.ClickException(f"cannot write --json {json_path!r} ({exc.strerror or exc}); "
+                                           "the results are on stdout above") from None
+    error = first_error(results)
+    if summary["completed"] == 0:  # a run that measured nothing is a failure (a wrong --model, say)
+        raise click.ClickException(f"every request failed; the first: {error}")
+    if error is not None:
+        click.echo(f"{summary['failed']} of {summary['requests']} requests failed; the first: {error}",
+                   err=True)

@@ -24,8 +24,10 @@ class Sampler:
             return greedy
         dev = logits.device
         vocab = logits.shape[-1]
-        # per-row parameters in two pinned host tensors, copied without blocking the host
-        ints = _to(dev, [random_rows, [params[i].top_k or vocab for i in random_rows]], torch.int64)
+        # per-row parameters in two pinned host tensors, copied without blocking the host; a top_k past the
+        # vocabulary cuts nothing, and clamped it always fits the int64 tensor (2**63 would not)
+        top_ks = [min(params[i].top_k or vocab, vocab) for i in random_rows]
+        ints = _to(dev, [random_rows, top_ks], torch.int64)
         floats = _to(dev, [[params[i].temperature for i in random_rows],
                            [params[i].top_p for i in random_rows]], logits.dtype)
         idx, ks = ints[0], ints[1]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 import click
@@ -60,6 +62,58 @@ def _check_device(device: str, workers: int) -> None:
                                  param_hint="--device")
     if int(device[5:]) >= n:
         raise click.BadParameter(f"{device!r}: only {n} GPU(s) visible", param_hint="--device")
+
+
+def _check_request_log(path: str) -> None:
+    """BadParameter unless the request log can be opened for appending (its folders made as serving would
+    make them): found at start-up, not as a traceback once the model is loaded."""
+    from phaselens.engine.request_log import RequestLog
+
+    try:
+        RequestLog(path).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        blocker = next((p for p in Path(path).absolute().parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():  # mkdir's "File exists" would not say which
+            why = f"{str(blocker)!r} is a file, not a folder"
+        raise click.BadParameter(f"cannot append to {path!r}: {why}", param_hint="--request-log") from None
+
+
+def _check_max_model_len(max_model_len: int | None, max_positions: int, model: str,
+                         num_kv_blocks: int | None, block_size: int) -> None:
+    """BadParameter for a context the model or the given KV cache cannot hold (the workers would only fail
+    to start, one by one)."""
+    if max_model_len is None:
+        return
+    if max_model_len > max_positions:
+        raise click.BadParameter(f"{max_model_len} is more than {model} allows ({max_positions} tokens)",
+                                 param_hint="--max-model-len")
+    if num_kv_blocks is not None and max_model_len > num_kv_blocks * block_size:
+        raise click.BadParameter(f"{max_model_len} tokens do not fit the KV cache of --num-kv-blocks "
+                                 f"{num_kv_blocks} x --block-size {block_size} = "
+                                 f"{num_kv_blocks * block_size} tokens", param_hint="--max-model-len")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (before the model loads) and handed to uvicorn later; BadParameter
+    naming --host or --port when it cannot be bound (a bad host name, a port in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn itself chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn sets it too
+        sock.bind((host, port))
+    except socket.gaierror as exc:
+        sock.close()
+        raise click.BadParameter(f"{host!r} is not an address of this machine ({exc.strerror})",
+                                 param_hint="--host") from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise click.BadParameter(f"cannot listen on {host!r}: {exc.strerror}",
+                                     param_hint="--host") from None
+        raise click.BadParameter(f"cannot listen on port {port} of {host}: {exc.strerror or exc}",
+                                 param_hint="--port") from None
+    return sock
 
 
 @click.command()
@@ -126,6 +180,8 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     _check_device(device, workers)
+    _check_max_model_len(max_model_len, source.config.max_position_embeddings, name, num_kv_blocks,
+                         block_size)
     if start_mode == "split":
         if prefill is None or decode is None:
             raise click.BadParameter("--mode split needs --prefill N and --decode N", param_hint="--mode")
@@ -139,6 +195,8 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
         from phaselens.engine.mode_cli import read_token
 
         admin_token = read_token(admin_token_file, "--admin-token-file")
+    if request_log is not None:
+        _check_request_log(request_log)
     engine_args = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, num_kv_blocks=num_kv_blocks,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
@@ -154,21 +212,35 @@ def serve(model: str | None, preset: str | None, workers: int, device: str, host
                           restart_workers=not no_worker_restart, request_log=request_log,
                           worker_start_timeout_s=worker_start_timeout, admin_token=admin_token,
                           admin_remote=admin_remote)
-    server = APIServer(config, tokenizer=source.tokenizer())
+    # bound once, here: a bad --host or a busy --port is a usage error before anything loads, and the
+    # address stays ours while the workers start (uvicorn serves on this very socket)
+    sock = bind_socket(host, port)
     try:
-        server.start()
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
-    if start_mode == "split":
+        server = APIServer(config, tokenizer=source.tokenizer())
         try:
-            server.change_mode("split", prefill, decode)
-        except (RuntimeError, ValueError) as exc:  # a worker failed the split's health check
+            server.start()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        if start_mode == "split":
+            try:
+                server.change_mode("split", prefill, decode)
+            except (RuntimeError, ValueError) as exc:  # a worker failed the split's health check
+                server.stop()
+                raise click.ClickException(f"cannot start in split mode: {exc}") from None
+        bound_host, bound_port = sock.getsockname()[:2]  # --port 0: the port the system picked
+        shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
+        click.echo(f"phaselens serve: {server.model_name} on {len(server.workers)} worker(s) ({device}, "
+                   f"{server.mode}), max context {server.max_model_len}; listening on http://{shown}:"
+                   f"{bound_port}{'; admin API on' if admin_token else ''}", err=True)
+        try:
+            uv_server = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False))
+            try:
+                uv_server.run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C it handled: a normal stop (uvicorn.run)
+                pass
+        finally:
             server.stop()
-            raise click.ClickException(f"cannot start in split mode: {exc}") from None
-    click.echo(f"phaselens serve: {server.model_name} on {len(server.workers)} worker(s) ({device}, "
-               f"{server.mode}), max context {server.max_model_len}; listening on http://{host}:{port}"
-               f"{'; admin API on' if admin_token else ''}", err=True)
-    try:
-        uvicorn.run(server.app, host=host, port=port, log_level="warning", access_log=False)
+        if not uv_server.started:
+            raise click.ClickException("the HTTP server failed to start (see its log above)")
     finally:
-        server.stop()
+        sock.close()

@@ -14,12 +14,14 @@ and streams them. It also measures the request latencies (:mod:`metrics`) and wr
   unless ``admin_remote``; 401 for a missing or wrong token, 403 for a remote caller, 400 naming a bad
   request (nothing changed), 409 while another change runs, 503 when the new mode's workers failed their
   health check and the change was rolled back.
-- ``GET /v1/models``, ``GET /health`` (200 ``ok``; 200 ``degraded`` when a worker died and one still lives;
-  503 ``unavailable`` when none does; per-worker state in the body), ``GET /metrics``.
+- ``GET /v1/models``, ``GET /v1/models/{model}`` (404 ``model_not_found`` for another id), ``GET /health``
+  (200 ``ok``; 200 ``degraded`` when a worker died and one still lives; 503 ``unavailable`` when none
+  does; per-worker state in the body), ``GET /metrics``.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: bad input is 400, a full
-queue 503 with ``Retry-After``, no live worker 503, a worker that died under a request 500. A stream that
-fails after its first token ends with one ``data: {"error": ...}`` event and no ``[DONE]``.
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: bad input is 400 naming the
+field in ``param``, a full queue 503 with ``Retry-After``, no live worker 503, a worker that died under a
+request 500 (a bug of the front-end's own: 500 ``internal_error``). A stream that fails after its first
+token ends with one ``data: {"error": ...}`` event and no ``[DONE]``.
 
 Chat template of the byte-level presets (the random-weight models have no template of their own), also
 used for Hugging Face folders::
@@ -57,7 +59,7 @@ from phaselens.engine import protocol
 from phaselens.engine.metrics import EngineMetrics
 from phaselens.engine.request_log import RequestLog, RequestRecord
 from phaselens.engine.router import NoWorkerAvailable, Router
-from phaselens.engine.sampling_params import SamplingParams
+from phaselens.engine.sampling_params import SamplingParams, SamplingParamsError
 from phaselens.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from phaselens.engine.worker_process import WorkerConfig, WorkerProcess
 from phaselens.phase import Role
@@ -152,6 +154,17 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
+def _valid_text(text: str, param: str) -> str:
+    """``text``, or a 400 naming ``param`` when it holds a lone UTF-16 surrogate: JSON's ``\\ud800`` escape
+    lets a client send one, and no tokenizer can encode it (UTF-8 has no form for it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"{param} is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} at "
+                   f"character {exc.start}", param=param, code="invalid_unicode") from None
+    return text
+
+
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -167,7 +180,7 @@ def apply_chat_template(messages: list[ChatMessage]) -> str:
         if msg.content is None:
             content = ""
         elif isinstance(msg.content, str):
-            content = msg.content
+            content = _valid_text(msg.content, f"messages[{i}].content")
         else:
             texts = []
             for j, part in enumerate(msg.content):
@@ -175,7 +188,7 @@ def apply_chat_template(messages: list[ChatMessage]) -> str:
                     raise _bad(f"messages[{i}].content[{j}]: only text parts are supported, "
                                f"got {part.type!r}",
                                param=f"messages[{i}].content")
-                texts.append(part.text)
+                texts.append(_valid_text(part.text, f"messages[{i}].content"))
             content = "".join(texts)
         parts.append(f"<|{role}|>\n{content}\n")
     parts.append("<|assistant|>\n")
@@ -275,6 +288,9 @@ class APIServer:
         #: consecutive deaths per worker id (the restart backoff); reset once a restarted worker is ready
         self._deaths: dict[str, int] = {}
         self._stopped = threading.Event()
+        #: set once start() has every worker ready: a worker that dies before that fails the start-up, and
+        #: restarting it would only log a restart of a server that is exiting
+        self._serving = False
         self.app = self._build_app()
 
     @property
@@ -302,6 +318,7 @@ class APIServer:
             self.stop()
             raise
         self.max_model_len = min(lens)
+        self._serving = True
         self._publish_alive()
 
     def stop(self) -> None:
@@ -479,7 +496,7 @@ class APIServer:
     def _schedule_restart(self, dead: WorkerProcess) -> None:
         """Start a new process for a worker that died, after a backoff that doubles with each death in a row
         (1 s, 2 s, ... up to a minute): a worker that cannot start does not spin."""
-        if self._stopped.is_set() or not self.config.restart_workers:
+        if self._stopped.is_set() or not self._serving or not self.config.restart_workers:
             return
         deaths = self._deaths[dead.worker_id] = self._deaths.get(dead.worker_id, 0) + 1
         delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (deaths - 1))
@@ -753,27 +770,31 @@ class APIServer:
             raise _bad("logit_bias is not supported", param="logit_bias")
 
     def _params(self, body: _Common, max_tokens: int | None, prompt_len: int,
-                default_max: int | None) -> SamplingParams:
+                default_max: int | None, max_param: str = "max_tokens") -> SamplingParams:
+        """The request's sampling parameters; a 400 names the field at fault (``max_param``: the field the
+        output length came from, ``max_completion_tokens`` for a chat request that used it)."""
         room = self.max_model_len - prompt_len
         if prompt_len < 1:
             raise _bad("the prompt is empty", param="prompt")
         if max_tokens is not None and max_tokens < 1:
-            raise _bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+            raise _bad(f"{max_param} must be at least 1, got {max_tokens}", param=max_param)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = prompt_len + (max_tokens or 1)
             raise _bad(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                        f"requested {asked} tokens ({prompt_len} in the prompt, {max_tokens or 1} for the "
                        f"completion). Please reduce the prompt or the completion length.",
-                       param="max_tokens" if room >= 1 else "prompt", code="context_length_exceeded")
+                       param=max_param if room >= 1 else "prompt", code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
         stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+        for s in stop:
+            _valid_text(s, "stop")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, seed=body.seed, stop=tuple(stop),
                                   ignore_eos=body.ignore_eos)
-        except ValueError as exc:
-            raise _bad(str(exc)) from None
+        except SamplingParamsError as exc:
+            raise _bad(str(exc), param=max_param if exc.param == "max_tokens" else exc.param) from None
 
     def _completion_prompt(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
@@ -783,7 +804,7 @@ class APIServer:
                            param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(_valid_text(prompt, "prompt"))
         ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # list[int] here: str lists left above
         bad = [t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)]
         if bad:
@@ -842,6 +863,13 @@ class APIServer:
                 server.metrics.count_rejected(Role.COLOCATED.value, "bad_request")
             return exc.response()
 
+        @app.exception_handler(Exception)
+        async def _internal(request: Request, exc: Exception) -> JSONResponse:
+            # a bug of ours still answers in the OpenAI shape (clients parse it); Starlette re-raises the
+            # exception after this response, so its traceback reaches the server log
+            return APIError(500, f"internal server error ({type(exc).__name__}); see the server log",
+                            type_="server_error", code="internal_error").response()
+
         @app.get("/admin/mode")
         async def get_mode(request: Request) -> dict[str, Any]:
             server._check_admin(request)
@@ -868,11 +896,21 @@ class APIServer:
             except ModeRolledBack as exc:
                 raise APIError(503, str(exc), type_="server_error", code="mode_change_rolled_back") from None
 
+        def model_card() -> dict[str, Any]:
+            return {"id": server.model_name, "object": "model", "created": server.started_at,
+                    "owned_by": "phaselens", "max_model_len": server.max_model_len}
+
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": server.model_name, "object": "model",
-                                                "created": server.started_at, "owned_by": "phaselens",
-                                                "max_model_len": server.max_model_len}]}
+            return {"object": "list", "data": [model_card()]}
+
+        # ":path": a served name may hold slashes ("meta-llama/Llama-3.2-1B"), as Hugging Face ids do
+        @app.get("/v1/models/{model:path}")
+        async def model(model: str) -> dict[str, Any]:
+            if model != server.model_name:
+                raise APIError(404, f"The model {model!r} does not exist; this server serves "
+                                    f"{server.model_name!r}", param="model", code="model_not_found")
+            return model_card()
 
         @app.get("/health")
         async def health() -> JSONResponse:
@@ -906,10 +944,10 @@ class APIServer:
             if body.response_format and body.response_format.get("type") != "text":
                 raise _bad("response_format other than text is not supported", param="response_format")
             ids = server.tokenizer.encode(apply_chat_template(body.messages))
-            max_tokens = body.max_completion_tokens
+            max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
             if max_tokens is None:
-                max_tokens = body.max_tokens
-            params = server._params(body, max_tokens, len(ids), default_max=None)
+                max_tokens, max_param = body.max_tokens, "max_tokens"
+            params = server._params(body, max_tokens, len(ids), default_max=None, max_param=max_param)
             return await server._respond("chatcmpl", ids, params, body, request, arrival, chat=True)
 
         return app

@@ -44,6 +44,7 @@ def test_generate_same_greedy_text_twice() -> None:
     (["--top-p", "0"], "top_p"),
     (["--top-k", "-2"], "top_k"),
     (["--max-tokens", "0"], "max_tokens"),
+    ([f"--stop={c}" for c in "abcdefghijklmnopq"], "Invalid value for '--stop'"),
     (["--max-tokens", "5000"], "5000"),
     (["--device", "tpu"], "'tpu'"),
     (["--num-kv-blocks", "0"], "num_kv_blocks"),

@@ -102,3 +102,21 @@ def test_load_cli_names_the_bad_line_of_a_lengths_file(tmp_path) -> None:
     bad.write_text(json.dumps({"prompt_tokens": 0, "output_tokens": 1}) + "\n")
     result = CliRunner().invoke(load, ["--lengths", str(bad)])
     assert result.exit_code == 2 and "l.jsonl:1" in result.output
+
+
+def test_load_cli_rejects_a_bad_url_up_front() -> None:
+    for url in ("bogus", "127.0.0.1:8000", "ftp://host/"):
+        result = CliRunner().invoke(load, ["--url", url, "-n", "1"])
+        assert result.exit_code == 2 and "--url" in result.output, result.output
+
+
+def test_load_cli_checks_the_json_path_before_the_run(tmp_path) -> None:
+    (tmp_path / "afile").write_text("")
+    # the server is not even reachable: the bad path is found first, not after a whole run
+    result = CliRunner().invoke(load, ["--url", "http://127.0.0.1:9", "-n", "1",
+                                       "--json", str(tmp_path / "afile" / "out.json")])
+    assert result.exit_code == 2 and "--json" in result.output, result.output
+    good = tmp_path / "out.json"
+    result = CliRunner().invoke(load, ["--url", "http://127.0.0.1:9", "-n", "1", "--json", str(good)])
+    assert result.exit_code == 1 and "cannot reach" in result.output
+    assert not good.exists()  # the check leaves nothing behind

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phaselens.engine.loadgen_cli import load
 from phaselens.engine.request_log import read_request_log
-from tests.engine.server_harness import free_port, running_process, wait_for
+from tests.engine.server_harness import LiveServer, fake_workers, free_port, running_process, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,35 @@ def test_load_run_of_200_requests_agrees_with_the_server(served, tmp_path) -> No
     print(f"client - server TTFT: min {min(diffs) * 1e3:.2f} ms, median {np.median(diffs) * 1e3:.2f} ms,"
           f" max {max(diffs) * 1e3:.2f} ms")
     assert min(diffs) > -0.002 and float(np.median(diffs)) < 0.05
+
+
+_SMALL = ["-n", "3", "--rate", "inf", "--prompt-median", "8", "--prompt-max", "16", "--output-median", "2",
+          "--output-max", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fake_served():
+    with LiveServer(fake_workers(1)) as srv:
+        yield srv.url
+
+
+def test_load_fails_and_shows_the_server_message_when_every_request_failed(fake_served, tmp_path) -> None:
+    out = tmp_path / "load.json"
+    result = CliRunner().invoke(load, ["--url", fake_served, "--model", "nope", "--json", str(out), *_SMALL])
+    assert result.exit_code == 1, result.output
+    assert "every request failed" in result.output and "the model 'nope' does not exist" in result.output
+    assert json.loads(out.read_text())["summary"]["failed"] == 3  # the record is written all the same
+
+
+def test_load_keeps_its_results_when_the_json_file_cannot_be_written_at_the_end(fake_served, tmp_path,
+                                                                                monkeypatch) -> None:
+    out = tmp_path / "load.json"
+
+    def fail(*args: object, **kw: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(out), "write_text", fail)  # the path was fine at start-up, the disk fills
+    result = CliRunner().invoke(load, ["--url", fake_served, "--json", str(out), *_SMALL])
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    doc = json.loads(next(ln for ln in result.output.splitlines() if ln.startswith('{"spec"')))
+    assert doc["summary"]["completed"] == 3

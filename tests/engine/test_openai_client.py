@@ -16,6 +16,10 @@ def client():
 
 def test_models(client) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.code == "model_not_found"
 
 
 def test_completions_plain_and_streamed_agree(client) -> None:

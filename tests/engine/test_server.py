@@ -52,7 +52,16 @@ BAD_BODIES = [
     ({"model": "tiny", "prompt": "x" * 2100, "max_tokens": 1}, "prompt"),
     ({"model": "tiny", "prompt": "x" * 100, "max_tokens": 2000}, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "n": 2}, "n"),
-    ({"model": "tiny", "prompt": "x", "temperature": 7.0}, None),
+    ({"model": "tiny", "prompt": "x", "temperature": 7.0}, "temperature"),
+    # SamplingParams' own checks name their field too
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, "temperature"),
+    ({"model": "tiny", "prompt": "x", "temperature": float("nan")}, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_p": 2}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_p": float("inf")}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_k": -1}, "top_k"),
+    ({"model": "tiny", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "tiny", "prompt": "x", "stop": list("abcdefghijklmnopq")}, "stop"),
     ({"model": "tiny", "prompt": [5, 999999]}, "prompt"),
     ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "logprobs": 3}, "logprobs"),
@@ -61,7 +70,9 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize("body,param", BAD_BODIES, ids=[str(i) for i in range(len(BAD_BODIES))])
 def test_bad_completion_requests_get_400(live, body, param) -> None:
-    r = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)
+    # json.dumps, not httpx's encoder: NaN and Infinity are sent (as Python's json writes them)
+    r = httpx.post(f"{live.url}/v1/completions", content=json.dumps(body).encode(),
+                   headers={"content-type": "application/json"}, timeout=30)
     _assert_openai_error(r, 400, param)
 
 
@@ -79,6 +90,61 @@ def test_malformed_json_and_bad_chat_bodies_get_400_and_the_server_keeps_serving
     _ok_completion(live.url)
     health = httpx.get(f"{live.url}/health").json()
     assert health["status"] == "ok" and all(w["alive"] for w in health["workers"])
+
+
+def _post_raw(url: str, path: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON: ``\\ud800`` escapes stay escapes (httpx's own encoder would refuse)."""
+    return httpx.post(f"{url}{path}", content=json.dumps(body).encode(),
+                      headers={"content-type": "application/json"}, timeout=30)
+
+
+def test_chat_max_completion_tokens_errors_name_that_field(live) -> None:
+    msgs = [{"role": "user", "content": "x"}]
+    for n in (0, 5000):
+        r = httpx.post(f"{live.url}/v1/chat/completions",
+                       json={"model": "tiny", "messages": msgs, "max_completion_tokens": n}, timeout=30)
+        _assert_openai_error(r, 400, "max_completion_tokens")
+    r = httpx.post(f"{live.url}/v1/chat/completions",
+                   json={"model": "tiny", "messages": msgs, "max_tokens": 0}, timeout=30)
+    _assert_openai_error(r, 400, "max_tokens")
+
+
+_PARTS = [{"type": "text", "text": "x"}, {"type": "text", "text": "\udc00"}]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "ok \ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udfff"]}, "prompt"),
+    ("/v1/completions", {"prompt": "ok", "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ok"},
+                                           {"role": "user", "content": "a\ud800b"}]}, "messages[1].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": _PARTS}]}, "messages[0].content"),
+])
+def test_lone_surrogates_get_400_naming_the_field(live, path, body, param) -> None:
+    err = _assert_openai_error(_post_raw(live.url, path, {"model": "tiny", **body}), 400, param)
+    assert err["type"] == "invalid_request_error" and "surrogate" in err["message"]
+
+
+def test_huge_top_k_and_seed_are_served_and_no_worker_dies(live) -> None:
+    pids = {wid: w.pid for wid, w in live.api.workers.items()}
+    for value in (2**63, 2**64, 10**30):
+        for path, extra in (("/v1/completions", {"prompt": "k"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "k"}]})):
+            body = {"model": "tiny", "max_tokens": 2, "temperature": 1.0, "top_k": value, "seed": value,
+                    "ignore_eos": True, **extra}
+            r = httpx.post(f"{live.url}{path}", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 2
+    assert {wid: w.pid for wid, w in live.api.workers.items()} == pids
+    assert all(w["alive"] for w in httpx.get(f"{live.url}/health").json()["workers"])
+
+
+def test_model_retrieve(live) -> None:
+    r = httpx.get(f"{live.url}/v1/models/tiny")
+    assert r.status_code == 200 and r.json()["id"] == "tiny" and r.json()["object"] == "model"
+    for unknown in ("gpt-4", "org/model"):
+        err = _assert_openai_error(httpx.get(f"{live.url}/v1/models/{unknown}"), 404, "model")
+        assert err["code"] == "model_not_found" and unknown in err["message"]
 
 
 def test_streaming_sse_format_usage_and_request_log(live) -> None:
@@ -201,13 +267,15 @@ def test_dead_worker_fails_its_requests_and_health_reports_it() -> None:
         assert _assert_openai_error(r, 503)["code"] == "no_worker"
 
 
-def test_serve_reports_a_worker_that_cannot_start_without_a_traceback() -> None:
+def test_serve_reports_a_worker_that_cannot_start_without_a_traceback(monkeypatch) -> None:
     from click.testing import CliRunner
 
-    from phaselens.engine.serve_cli import serve
+    from phaselens.engine import serve_cli
 
-    result = CliRunner().invoke(serve, ["--preset", "tiny", "--max-model-len", "99999", "--no-shim",
-                                        "--port", "0"])
+    # a worker whose engine fails to build (bad flags are usage errors before any worker starts)
+    monkeypatch.setattr(serve_cli, "build_worker_configs",
+                        lambda *args, **kw: fake_workers(1, fail_start=True))
+    result = CliRunner().invoke(serve_cli.serve, ["--preset", "tiny", "--no-shim", "--port", "0"])
     assert result.exit_code == 1, result.output
-    assert "worker w0 failed to start" in result.output and "max_model_len" in result.output
-    assert "Traceback" not in result.output
+    assert "worker w0 failed to start" in result.output and "told to fail" in result.output
+    assert "Traceback" not in result.output and "listening" not in result.output

@@ -127,3 +127,71 @@ def test_serve_rejects_bad_flags_naming_the_value(args, needle) -> None:
     result = CliRunner().invoke(serve, args)
     assert result.exit_code == 2 and needle in result.output, result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-model-len", "999999"], "--max-model-len"),
+    (["--max-model-len", "2000", "--num-kv-blocks", "4"], "--max-model-len"),
+    (["--host", "999.1.1.1"], "--host"),
+    (["--request-log", "/proc/no-such-dir/requests.jsonl"], "--request-log"),
+])
+def test_serve_rejects_bad_values_before_any_worker_starts(args, needle) -> None:
+    result = CliRunner().invoke(serve, ["--preset", "tiny", "--no-shim", "--port", "0", *args])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert "listening" not in result.output and "Traceback" not in result.output
+
+
+def test_serve_rejects_a_request_log_under_a_file(tmp_path) -> None:
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(serve, ["--preset", "tiny", "--no-shim", "--port", "0",
+                                        "--request-log", str(tmp_path / "afile" / "req.jsonl")])
+    assert result.exit_code == 2 and "--request-log" in result.output and "is a file" in result.output
+
+
+def test_serve_rejects_a_port_in_use() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(serve, ["--preset", "tiny", "--no-shim", "--port", str(port)])
+    assert result.exit_code == 2 and "--port" in result.output and "in use" in result.output, result.output
+    assert "listening" not in result.output
+
+
+def test_no_restart_is_scheduled_for_a_worker_that_dies_during_start_up(caplog) -> None:
+    # start() fails when a worker dies before it is ready; "restarting" a worker of a server that is exiting
+    # only misled (the log said a restart was coming, then the process exited)
+    import threading
+
+    from phaselens.engine.server import APIServer, ServerConfig
+    from phaselens.engine.worker_process import WorkerProcess
+    from tests.engine.server_harness import fake_workers
+
+    config = ServerConfig(model="tiny", workers=fake_workers(1))
+    api = APIServer(config, tokenizer=ByteTokenizer())
+    dead = WorkerProcess(config.workers[0], api._on_event, api._on_exit)
+    try:
+        api._schedule_restart(dead)
+        assert "restarting" not in caplog.text
+        assert not [t for t in threading.enumerate() if t.name == "restart-w0"]
+    finally:
+        api.stop()
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500() -> None:
+    from fastapi.testclient import TestClient
+
+    from phaselens.engine.server import APIServer, ServerConfig
+
+    class BrokenTokenizer(ByteTokenizer):
+        def encode(self, text: str, add_bos: bool = True) -> list[int]:
+            raise RuntimeError("a bug")
+
+    api = APIServer(ServerConfig(model="tiny", workers=[]), tokenizer=BrokenTokenizer())
+    r = TestClient(api.app, raise_server_exceptions=False).post(
+        "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal server error (RuntimeError); see the server log",
+                                 "type": "server_error", "param": None, "code": "internal_error"}
