@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import threading
@@ -115,6 +116,9 @@ def _build(cfg: AgentConfig, **kw: Any) -> Any:
 def _otlp(daemon: Any) -> Any:
     """The OTLP exporter the standard OTEL_* variables configure, or None without an endpoint; a bad value
     is a usage error naming the variable."""
+    endpoints = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not any(os.environ.get(v) for v in endpoints):
+        return None  # no OTLP asked for: the SDK need not even be installed
     try:
         from phaselens.exporters.otlp import from_environment
 

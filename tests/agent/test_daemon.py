@@ -223,3 +223,22 @@ def test_every_gpu_series_says_where_its_counters_come_from(tmp_path: Path) -> N
     replayed = build_daemon(AgentConfig(source="replay", replay_trace=str(simulated_trace)))
     assert replayed.state.snapshot().gpus[uuid].source == "simulated"
     assert replayed.source_label == "simulated"
+
+
+def test_otlp_sdk_is_needed_only_when_an_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an OTLP endpoint the agent starts even where the OpenTelemetry SDK is not installed (found on
+    the GPU machine); with one, the missing SDK is a usage error, not a traceback."""
+    import sys
+
+    import click
+
+    from phaselens.agent.commands import _otlp
+
+    monkeypatch.setitem(sys.modules, "phaselens.exporters.otlp", None)  # any import of it fails
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raising=False)
+    daemon = build_daemon(AgentConfig(source="simulated"), with_receiver=False)
+    assert _otlp(daemon) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    with pytest.raises(click.UsageError, match="OTLP export"):
+        _otlp(daemon)
