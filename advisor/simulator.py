@@ -524,11 +524,13 @@ class Simulator:
         self.window = (-math.inf, math.inf)
         if self.warmup_s is not None:
             self.window = (float(arrival[0]) + self.warmup_s, float(arrival[-1]) - self.warmup_s)
-            if not ((arrival >= self.window[0]) & (arrival <= self.window[1])).any():
-                raise ValueError(
-                    f"no request arrives in the steady-state window: {n} arrivals over "
-                    f"{float(arrival[-1] - arrival[0]):.3g} s, warm-up {self.warmup_s:.3g} s at each end"
-                )
+        start, end = self.window
+        measured = (arrival >= start) & (arrival <= end)
+        if self.warmup_s is not None and not measured.any():
+            raise ValueError(
+                f"no request arrives in the steady-state window: {n} arrivals over "
+                f"{float(arrival[-1] - arrival[0]):.3g} s, warm-up {self.warmup_s:.3g} s at each end"
+            )
         self.prefill, self.decoders = self._build()
         # Past this, an overloaded run has shown what it needs to: unfinished requests count as misses.
         horizon = (
@@ -560,7 +562,6 @@ class Simulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out <= 1, math.nan, (finish - first) / np.maximum(steps, 1))
         tpot = np.where((out > 1) & np.isnan(finish), math.inf, tpot)
-        start, end = self.window
         # a share of the window's length, or of the whole run's when every request counts
         span = end - start if self.warmup_s is not None else max(now, 1e-9)
         busy = {w.name: w.busy_s / span for w in (*self.prefill, *self.decoders)}
@@ -568,7 +569,6 @@ class Simulator:
         in_window = (step_t >= start) & (step_t <= end)
         step_s = np.asarray(self._steps_s)[in_window]
         step_b = np.asarray(self._steps_b, dtype=float)[in_window]
-        measured = (arrival >= start) & (arrival <= end)
         return SimResult(
             rate,
             ttft[measured],
