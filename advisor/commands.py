@@ -15,6 +15,7 @@ import numpy as np
 
 from phaselens.advisor.inputs import InputError
 from phaselens.advisor.step_model import StepModel
+from phaselens.cli import FiniteRange
 from phaselens.advisor.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def _duration_s(text: str) -> float:
 )
 @click.option(
     "--serving-overhead-ms",
-    type=click.FloatRange(min=0.0),
+    type=FiniteRange(min=0.0),
     default=None,
     help="Host time per step the serving path adds to the profile's cadence (output streaming to the "
     "front-end), besides which each sequence pays the engine's per-sequence host time once more; default: "
@@ -172,7 +173,7 @@ def _duration_s(text: str) -> float:
 @click.option(
     "--run-seconds",
     "run_s",
-    type=click.FloatRange(min=1.0),
+    type=FiniteRange(min=1.0),
     default=None,
     help="Simulate load runs of this many seconds of arrivals (rate x seconds requests, 40..1500), as a "
     "benchmark's goodput search runs them, instead of --requests (steady state).",

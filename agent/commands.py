@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -21,19 +20,9 @@ from urllib.parse import urlparse
 import click
 
 from phaselens.agent.daemon import SOURCES, AgentConfig
+from phaselens.cli import FiniteRange
 
 log = logging.getLogger(__name__)
-
-
-class FiniteRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf: nan passes every range comparison, and neither is a
-    duration or a speed (nan reached int() deep in the daemon as a traceback)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        out = super().convert(value, param, ctx)
-        if not math.isfinite(out):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return out
 
 
 def _common(fn: Any) -> Any:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
+from phaselens.cli import FiniteRange
 from phaselens.engine.loadgen import SHAREGPT_OUTPUT, SHAREGPT_PROMPT, RequestResult
 
 _P, _O = SHAREGPT_PROMPT, SHAREGPT_OUTPUT
-_POS = click.FloatRange(min=0, min_open=True)
+_POS = FiniteRange(min=0, min_open=True)
 
 
 def _rate(value: str) -> float:
@@ -84,32 +85,32 @@ def print_summary(s: dict) -> None:
 @click.option("--model", default=None, help="Model id to send (default: the server's first /v1/models id).")
 @click.option("-n", "--num-requests", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--rate", default="10", show_default=True, help="Requests (sessions) per second, or inf.")
-@click.option("--burstiness", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--burstiness", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prompt-median", type=_POS, default=_P[0], show_default=True)
-@click.option("--prompt-sigma", type=click.FloatRange(min=0), default=_P[1], show_default=True)
+@click.option("--prompt-sigma", type=FiniteRange(min=0), default=_P[1], show_default=True)
 @click.option("--prompt-min", type=click.IntRange(min=1), default=_P[2], show_default=True)
 @click.option("--prompt-max", type=click.IntRange(min=1), default=_P[3], show_default=True)
 @click.option("--output-median", type=_POS, default=_O[0], show_default=True)
-@click.option("--output-sigma", type=click.FloatRange(min=0), default=_O[1], show_default=True)
+@click.option("--output-sigma", type=FiniteRange(min=0), default=_O[1], show_default=True)
 @click.option("--output-min", type=click.IntRange(min=1), default=_O[2], show_default=True)
 @click.option("--output-max", type=click.IntRange(min=1), default=_O[3], show_default=True)
 @click.option("--lengths", "lengths_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help='JSONL of {"prompt_tokens": N, "output_tokens": M} per line, used in order (cycled).')
 @click.option("--turns", type=click.IntRange(min=1), default=1, show_default=True,
               help="Turns per session; each turn's prompt extends the previous one (a shared prefix).")
-@click.option("--think-time", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--think-time", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Mean seconds between a turn's answer and the next turn (exponential).")
 @click.option("--shared-prefix", type=click.IntRange(min=0), default=0, show_default=True,
               help="Tokens of a system prompt common to every request.")
-@click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--slo-ttft", type=FiniteRange(min=0, min_open=True), default=None,
               help="TTFT target, seconds (for SLO attainment and goodput).")
-@click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--slo-tpot", type=FiniteRange(min=0, min_open=True), default=None,
               help="TPOT target, seconds.")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=None)
-@click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+@click.option("--temperature", type=FiniteRange(0, 2), default=0.0, show_default=True)
+@click.option("--timeout", type=FiniteRange(min=1), default=600.0, show_default=True,
               help="Per-request timeout, seconds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the spec, summary and every request's measurements here ('-' for stdout).")

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from phaselens.cli import FiniteRange
+
 TOKEN_ENV = "PHASELENS_ADMIN_TOKEN"
 
 
@@ -152,7 +154,7 @@ def get_cmd(engine: str, token_file: str | None, as_json: bool) -> None:
 @click.argument("new_mode", metavar="MODE", type=click.Choice(["colocated", "split"]))
 @click.option("--prefill", type=click.IntRange(min=1), default=None, help="Prefill workers (split).")
 @click.option("--decode", type=click.IntRange(min=1), default=None, help="Decode workers (split).")
-@click.option("--health-timeout", type=click.FloatRange(min=0.1), default=None,
+@click.option("--health-timeout", type=FiniteRange(min=0.1), default=None,
               help="Seconds the new mode's workers have to pass their health check (default: the server's).")
 @_engine_opt
 @_token_opt

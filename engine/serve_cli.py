@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from phaselens.cli import FiniteRange
 from phaselens.phase import Role
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None,
               help="KV cache blocks per worker (CPU default: the engine's; GPU: from free memory).")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 0.99), default=0.9, show_default=True)
+@click.option("--gpu-memory-utilization", type=FiniteRange(0.05, 0.99), default=0.9, show_default=True)
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None)
 @click.option("--no-prefix-caching", is_flag=True, help="Turn the prefix cache off.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -146,7 +147,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 @click.option("--shim-jsonl", default=None,
               help="Also write each worker's step records here ({worker} in the name, else .wN is added).")
 @click.option("--no-shim", is_flag=True, help="Do not emit phase step records.")
-@click.option("--worker-start-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
+@click.option("--worker-start-timeout", type=FiniteRange(min=1), default=600.0, show_default=True)
 @click.option("--mode", "start_mode", type=click.Choice(["colocated", "split"]), default="colocated",
               show_default=True, help="Start colocated, or split into --prefill and --decode pools.")
 @click.option("--prefill", type=click.IntRange(min=1), default=None, help="Prefill workers (--mode split).")

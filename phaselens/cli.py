@@ -10,12 +10,27 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
+from typing import Any
 
 import click
 
 from phaselens import __version__
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf, for every command's float options: nan passes every
+    range comparison (it reached int() deep in the agent as a traceback), and neither is a duration, a rate
+    or a size."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        out = super().convert(value, param, ctx)
+        if not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return out
+
 
 # name -> ("module:attribute" of a click.Command, one-line help). The order is the order of `--help`; the
 # one-line help is here so that `--help` imports none of the commands' modules.

@@ -28,6 +28,8 @@ from typing import Any
 
 import click
 
+from phaselens.cli import FiniteRange
+
 #: Presets from the largest down, with the GPU memory (GiB) each needs for weights plus a useful KV cache.
 _PRESET_MEMORY_GIB = (("llama-3.1-8b", 40), ("llama-3.2-1b", 12), ("tiny", 0))
 _TABLE_METRICS = ("sm_active", "tensor_active", "dram_active", "gpu_util")
@@ -182,14 +184,14 @@ def _pct(value: float | None) -> str:
               help="Model preset; auto = the largest that fits the GPU, tiny on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--requests", "num_requests", type=click.IntRange(min=1), default=120, show_default=True)
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=6.0, show_default=True,
+@click.option("--rate", type=FiniteRange(min=0, min_open=True), default=6.0, show_default=True,
               help="Requests per second.")
 @click.option("--fleet-gpus", type=click.IntRange(min=1), default=16, show_default=True,
               help="Fleet size the advisor plans for.")
-@click.option("--price", type=click.FloatRange(min=0), default=2.0, show_default=True, help="$ per GPU-hour.")
-@click.option("--ttft-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--price", type=FiniteRange(min=0), default=2.0, show_default=True, help="$ per GPU-hour.")
+@click.option("--ttft-ms", type=FiniteRange(min=0, min_open=True), default=None,
               help="TTFT target for the advisor (default: 2000 on CPU, 500 on a GPU).")
-@click.option("--tpot-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--tpot-ms", type=FiniteRange(min=0, min_open=True), default=None,
               help="TPOT target for the advisor (default: 100 on CPU, 50 on a GPU).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="phaselens-demo",
               show_default=True,
